@@ -1,0 +1,163 @@
+"""GSM8K as chain-of-thought chat examples: records -> formatted turns -> token ids with
+completion-only labels -> length-grouped, right-padded batches.
+
+Each solution becomes one assistant turn (ChatML, Qwen2.5's template):
+
+    <think>
+    Natalia sold 48/2 = 24 clips in May.
+    Natalia sold 48+24 = 72 clips altogether in April and May.
+    </think>
+
+    **Final Answer:** 72<|im_end|>
+
+The `<<48/2=24>>` calculator annotations are removed and the `#### 72` line becomes the answer
+(commas dropped: "1,080" -> "1080", the official GSM8K normalization). Only this turn and its
+closing <|im_end|> are targets; the system turn, the user turn and the assistant header are not.
+"""
+import json
+import random
+import re
+from pathlib import Path
+
+import torch
+
+from tinyreason import IGNORE
+
+SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step-by-step."
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+ANNOTATION = re.compile(r"<<.*?>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+NUMBER = re.compile(r"-?\d+(\.\d+)?")
+
+
+def is_local(source: str) -> bool:
+    return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
+
+
+def load_records(source: str, split: str = "train") -> list[dict]:
+    """Question/answer records from a local .jsonl/.json/.parquet file or a hub dataset (config "main")."""
+    if not is_local(source):
+        try:
+            import datasets
+            return list(datasets.load_dataset(source, "main", split=split))
+        except Exception as e:  # offline, unknown repo, missing split: all end the same way for the user
+            raise RuntimeError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {e}\n"
+                               "pass --data PATH to a local .jsonl/.json/.parquet file with question/answer fields "
+                               "(GSM8K's train split is at ../shared/gsm8k/train.jsonl)") from e
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    elif path.suffix == ".json":
+        records = json.loads(path.read_text())
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
+    if not isinstance(records, list) or not any(isinstance(r, dict) and {"question", "answer"} <= r.keys()
+                                                for r in records):
+        raise ValueError(f"{path}: no records with both 'question' and 'answer' fields "
+                         f"(expected a list of {{'question': ..., 'answer': ...}} objects)")
+    return records
+
+
+def split_solution(answer: str) -> tuple[str, str] | None:
+    """GSM8K solution -> (steps without annotations, numeric answer), or None if malformed."""
+    if "####" not in answer:
+        return None
+    steps, final = answer.rsplit("####", 1)
+    steps = ANNOTATION.sub("", steps).strip()
+    final = final.strip().replace(",", "")
+    if not steps or not NUMBER.fullmatch(final):
+        return None
+    return steps, final
+
+
+def format_example(record: dict) -> tuple[str, str] | None:
+    """(question, assistant text) for a GSM8K record, or None when the record is malformed."""
+    question, answer = record.get("question"), record.get("answer")
+    if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
+        return None
+    parts = split_solution(answer)
+    if parts is None:
+        return None
+    steps, final = parts
+    return question.strip(), f"<think>\n{steps}\n</think>\n\n**Final Answer:** {final}"
+
+
+def gold_answer(record: dict) -> str | None:
+    """The reference answer after `####`, commas removed; None when the record is malformed."""
+    parts = split_solution(record.get("answer") or "")
+    return parts[1] if parts else None
+
+
+def prompt_messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def prepare_splits(records: list[dict], num_samples: int, validation_split: float, seed: int):
+    """Drop malformed records, shuffle with `seed`, keep `num_samples` (<= 0: all), split off validation.
+    Returns (train, validation, number of malformed records)."""
+    good = [r for r in records if format_example(r) is not None]
+    random.Random(seed).shuffle(good)
+    if num_samples > 0:
+        good = good[:num_samples]
+    n_val = round(len(good) * validation_split)
+    return good[n_val:], good[:n_val], len(records) - len(good)
+
+
+def build_example(tokenizer, record: dict) -> dict:
+    """Token ids and labels for one record: IGNORE on the prompt (system, user, assistant header),
+    targets on the assistant content and its <|im_end|>. The "\\n" the template puts after that
+    <|im_end|> is dropped: it follows the end of the turn, so it is neither input nor target."""
+    question, assistant = format_example(record)
+    prompt = prompt_messages(question)
+    prompt_ids = tokenizer.apply_chat(prompt, add_generation_prompt=True)
+    full_ids = tokenizer.apply_chat(prompt + [{"role": "assistant", "content": assistant}], add_generation_prompt=False)
+    # The spans come from the template itself, so both renderings must agree on the prompt tokens.
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise ValueError("the chat template tokenizes the prompt differently when the assistant turn follows it")
+    end = len(full_ids) - full_ids[::-1].index(tokenizer.im_end_id)  # just past the assistant's <|im_end|>
+    if end <= len(prompt_ids) or full_ids[end:] != tokenizer.encode("\n"):
+        raise ValueError("unexpected chat template: the assistant turn does not end with <|im_end|>\\n")
+    input_ids = full_ids[:end]
+    labels = [IGNORE] * len(prompt_ids) + input_ids[len(prompt_ids):]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def build_examples(tokenizer, records: list[dict], max_seq_length: int) -> tuple[list[dict], int]:
+    """Tokenize every record; examples longer than `max_seq_length` are dropped (returned as a count), not cut."""
+    examples = [build_example(tokenizer, r) for r in records]
+    kept = [ex for ex in examples if len(ex["input_ids"]) <= max_seq_length]
+    return kept, len(examples) - len(kept)
+
+
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                           group: int = 64) -> list[list[int]]:
+    """One epoch of batches (lists of example indices). Shuffled with (seed, epoch), then sorted by length
+    inside mega-chunks of `group` batches so a batch pads little, then the batches are shuffled again."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches = []
+    for start in range(0, len(order), batch_size * group):
+        chunk = sorted(order[start:start + batch_size * group], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad to the longest example: input_ids/labels/attention_mask, each (B, T)."""
+    T = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,376 @@
+"""TinyReason core: a hand-written Qwen2 decoder, its loader, tokenizer, chat format and generation.
+
+Qwen2 in one breath: token embedding -> N x [RMSNorm -> grouped-query attention (q/k/v with bias, o without,
+rotary positions with theta from the config) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
+lm_head (tied to the embedding in some checkpoints, separate in others). Module names are the Hugging Face
+checkpoint names, so loading is a plain name match.
+"""
+import json
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class QwenConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_json(cls, path):
+        raw = json.loads(Path(path).read_text())
+        if raw.get("model_type") != "qwen2":
+            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported, TinyReason implements qwen2")
+        if "rope_theta" not in raw and "rope_parameters" in raw:  # transformers >= 5 nests it
+            raw["rope_theta"] = raw["rope_parameters"]["rope_theta"]
+        names = [f.name for f in fields(cls)]
+        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]
+        if missing:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        return cls(**{k: raw[k] for k in names if k in raw})
+
+
+def rms_norm(x, weight, eps):
+    # In fp32 whatever the input dtype, as the reference does; the scale multiplies after the cast back.
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope(positions, head_dim, theta, dtype):
+    """cos, sin of shape (B, 1, T, hd) for integer positions (B, T); the two halves repeat (rotate-half layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for the whole generation: (L, B, n_kv, max_len, hd).
+
+    Prompts are left-padded, so all rows write at the same index; `mask` marks the slots that hold real tokens.
+    Rows that finish are dropped by `keep`, which moves the live rows to the front in place."""
+
+    def __init__(self, config, batch, max_len, dtype, device):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
+        self.batch, self.len = batch, 0
+
+    def update(self, layer, k, v):  # k, v: (B, n_kv, T, hd) -> everything cached so far
+        end = self.len + k.shape[2]
+        self.k[layer, :self.batch, :, self.len:end] = k
+        self.v[layer, :self.batch, :, self.len:end] = v
+        return self.k[layer, :self.batch, :, :end], self.v[layer, :self.batch, :, :end]
+
+    def keep(self, rows):
+        n = len(rows)
+        for t in (self.k, self.v):
+            t[:, :n] = t[:, rows]
+        self.mask[:n] = self.mask[rows]
+        self.next_pos[:n] = self.next_pos[rows]
+        self.batch = n
+
+
+class Attention(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.n_head, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=True)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=True)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd)
+        # enable_gqa lets each group of n_head / n_kv query heads share one key/value head without copying it.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: QwenConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+def causal_pad_mask(pad_mask, T, offset):
+    """Boolean (B, 1, T, S) mask: causal, real keys only. A padding query still sees itself, so no row is all
+    masked (which would give NaN); its output is never used."""
+    S = pad_mask.shape[1]
+    q_pos = torch.arange(offset, offset + T, device=pad_mask.device)[:, None]
+    k_pos = torch.arange(S, device=pad_mask.device)[None]
+    return ((k_pos <= q_pos) & pad_mask[:, None, :] | (k_pos == q_pos))[:, None]
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config: QwenConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def hidden(self, input_ids, attention_mask=None, cache=None):
+        """Final-normed hidden states (B, T, D). With a cache, input_ids continue what it holds."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        if attention_mask is None and cache is None:
+            mask, positions = None, torch.arange(T, device=x.device).expand(B, T)
+        else:
+            new = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            # Left padding: a row's positions count its real tokens only, so every row starts at 0.
+            positions = (new.cumsum(-1) - 1).clamp(min=0)
+            if cache is None:
+                mask = causal_pad_mask(new, T, 0)
+            else:
+                positions = positions + cache.next_pos[:B, None]
+                cache.mask[:B, cache.len:cache.len + T] = new
+                cache.next_pos[:B] += new.sum(-1)
+                mask = causal_pad_mask(cache.mask[:B, :cache.len + T], T, cache.len)
+        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.len += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.lm_head(self.hidden(input_ids, attention_mask))  # (B, T, vocab)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo, dtype=torch.bfloat16, device=None, quantize=None):
+        """Load a Hugging Face Qwen2 checkpoint tensor by tensor, so peak memory stays near the final model size;
+        with quantize="nf4" each block's projections become 4-bit as soon as the block is loaded."""
+        if quantize not in (None, "none", "nf4"):
+            raise ValueError(f"quantize={quantize!r}: expected 'nf4' or None")
+        folder = resolve_checkpoint(path_or_repo)
+        config = QwenConfig.from_json(folder / "config.json")
+        device = torch.device(device) if device else default_device()
+        with torch.device("meta"):
+            model = cls(config)
+        tensors = checkpoint_tensors(folder)
+        expected = {name for name, _ in model.named_parameters()}  # a tied lm_head appears once, as the embedding
+        unexpected = sorted(set(tensors) - expected - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        missing = sorted(expected - set(tensors))
+        if unexpected or missing:
+            raise ValueError(f"{folder}: tensors do not match a Qwen2 model of its config.json: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        from tqdm import tqdm
+        for name in tqdm([n for n, _ in model.named_parameters()], desc="loading", leave=False):
+            module_name, leaf = name.rsplit(".", 1)
+            module = model.get_submodule(module_name)
+            t = tensors[name]()
+            if t.shape != getattr(module, leaf).shape:
+                raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(getattr(module, leaf).shape)}")
+            setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+            if quantize == "nf4" and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
+                quantize_block(model.get_submodule(module_name.rsplit(".", 2)[0]), dtype)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+
+def quantize_block(block, compute_dtype):
+    from quant import to_nf4
+    for parent in (block.self_attn, block.mlp):
+        for name, child in list(parent.named_children()):
+            if name in PROJECTIONS:
+                setattr(parent, name, to_nf4(child, compute_dtype))
+
+
+def checkpoint_tensors(folder):
+    """name -> loader of that tensor, for a single or sharded safetensors checkpoint (read lazily, memory-mapped)."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").exists():
+        weight_map = None
+    else:
+        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+    handles = {}
+    for f in files:
+        if not (folder / f).exists():
+            raise FileNotFoundError(f"{folder / f}: shard listed in model.safetensors.index.json is missing")
+        handles[f] = safe_open(str(folder / f), framework="pt")
+    return {name: (lambda h=h, name=name: h.get_tensor(name)) for f, h in handles.items() for name in h.keys()}
+
+
+def resolve_checkpoint(path_or_repo):
+    """A local checkpoint folder as it is, or a hub repo id ("Qwen/Qwen2.5-1.5B-Instruct") downloaded once."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json, this is not a Hugging Face checkpoint folder")
+        return path
+    if path.exists() or str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"{path_or_repo}: no such model folder (nor a hub repo id like 'Qwen/Qwen2.5-1.5B-Instruct')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=[
+            "config.json", "model*.safetensors*", "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as e:
+        raise RuntimeError(f"could not download {path_or_repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                           f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Tokenizer:
+    """Qwen2's byte-level BPE (tokenizer.json) and the ChatML format, written out by hand."""
+    DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+
+    def __init__(self, tok):
+        self.tok = tok
+        ids = {s: tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+        if None in ids.values():
+            raise ValueError(f"tokenizer lacks ChatML special tokens: {[s for s, i in ids.items() if i is None]}")
+        self.pad_id, self.im_start_id, self.im_end_id = ids.values()
+        self.eos_id = self.im_end_id  # an assistant turn ends with <|im_end|>
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo):
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = resolve_checkpoint(path_or_repo)
+        if not (folder / "tokenizer.json").exists():
+            raise FileNotFoundError(f"{folder}: no tokenizer.json")
+        return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def apply_chat(self, messages, add_generation_prompt=True):
+        """ChatML: each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; Qwen adds its own system turn
+        when the conversation has none. Special tokens in the rendered text encode to their ids, as in HF."""
+        if not messages or messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.DEFAULT_SYSTEM}, *messages]
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return self.encode(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""))
+
+
+def sample(logits, temperature, top_p):
+    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
+    return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None):
+    """Continue each prompt (a list of token ids) until a stop token or max_new_tokens; returns the new ids
+    of each row without the stop token. Rows that stop leave the batch, so no work is spent on them."""
+    param = model.model.embed_tokens.weight
+    stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
+    B, T = len(prompts), max(map(len, prompts))
+    ids = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        pad_mask[i, T - len(p):] = True
+    cache = KVCache(model.config, B, T + max_new_tokens, param.dtype, param.device)
+    x = model.hidden(ids.to(param.device), pad_mask.to(param.device), cache)[:, -1]  # (B, D)
+    rows = list(range(B))  # the prompt index of each live row
+    out = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        token = sample(model.lm_head(x).float(), temperature, top_p)  # (b,)
+        done = torch.isin(token, stop)
+        for r, t, d in zip(rows, token.tolist(), done.tolist()):  # one host sync per step
+            if not d:
+                out[r].append(t)
+                if on_token:
+                    on_token(r, t)
+        if step == max_new_tokens - 1:
+            break
+        if done.any():
+            live = (~done).nonzero().squeeze(1)
+            if len(live) == 0:
+                break
+            rows = [rows[i] for i in live.tolist()]
+            cache.keep(live)
+            token = token[live]
+        x = model.hidden(token[:, None], None, cache)[:, -1]
+    return out
