@@ -1,0 +1,245 @@
+"""The hand-written Qwen2 against transformers' Qwen2ForCausalLM: logits, generation, chat format, loading errors.
+
+    python -m pytest tests/test_model.py
+"""
+import json
+
+import pytest
+import torch
+from conftest import gsm8k_records, make_checkpoint
+
+from tinyreason import Qwen2, QwenConfig, Tokenizer, generate, sample
+
+
+def hf_model(path, dtype=torch.float32):
+    from transformers import Qwen2ForCausalLM
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def left_pad(prompts, pad_id):
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def questions(tok, n=4):
+    return [tok.apply_chat([{"role": "user", "content": r["question"]}]) for r in gsm8k_records(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu"), Tokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_tied_checkpoint"])
+def test_logits_match_transformers(which, request):
+    path = request.getfixturevalue(which)
+    ours, ref = Qwen2.from_pretrained(path, dtype=torch.float32, device="cpu"), hf_model(path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 33))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max() < 1e-4
+
+
+def test_tied_checkpoint_shares_embedding_and_lm_head(tiny_tied_checkpoint, tiny_checkpoint):
+    tied = Qwen2.from_pretrained(tiny_tied_checkpoint, dtype=torch.float32, device="cpu")
+    untied = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_left_padded_logits_match_transformers(tiny, tiny_checkpoint):
+    model, tok = tiny
+    ids, mask = left_pad(questions(tok, 3), tok.pad_id)
+    with torch.no_grad():
+        diff = model(ids, mask) - hf_model(tiny_checkpoint)(ids, attention_mask=mask).logits
+    assert diff[mask.bool()].abs().max() < 1e-4
+
+
+def test_padding_changes_nothing_for_the_real_tokens(tiny):
+    model, tok = tiny
+    prompt = questions(tok, 1)[0]
+    ids, mask = left_pad([prompt, prompt + prompt[:7]], tok.pad_id)
+    with torch.no_grad():
+        alone = model(torch.tensor([prompt]))[0]
+        padded = model(ids, mask)[0, -len(prompt):]
+    assert (alone - padded).abs().max() < 1e-4
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
+    model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu").train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.model.layers[0].mlp.up_proj.weight.requires_grad_(True).grad = None
+        model(ids).logsumexp(-1).mean().backward()
+        grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def naive_greedy(model, prompt, n, stop):
+    """The oracle: re-run the whole sequence every step, no cache, no padding."""
+    ids = list(prompt)
+    for _ in range(n):
+        t = model(torch.tensor([ids]))[0, -1].argmax().item()
+        if t in stop:
+            break
+        ids.append(t)
+    return ids[len(prompt):]
+
+
+def test_cached_greedy_equals_naive_greedy(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 2)
+    with torch.no_grad():
+        assert generate(model, tok, prompts, 12) == [naive_greedy(model, p, 12, (tok.im_end_id, tok.pad_id)) for p in prompts]
+
+
+def test_batched_greedy_equals_one_by_one_even_when_rows_stop_early(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 4)
+    # A random model seldom emits <|im_end|>: also stop at a token that some rows emit and others never do,
+    # so rows leave the batch mid-way.
+    first = generate(model, tok, prompts, 30)
+    stop = [tok.im_end_id, min(t for row in first for t in row if any(t not in other for other in first))]
+    batched = generate(model, tok, prompts, 30, stop_ids=stop)
+    assert len({len(o) for o in batched}) > 1, "rows should stop at different steps"
+    assert batched == [generate(model, tok, [p], 30, stop_ids=stop)[0] for p in prompts]
+
+
+def test_greedy_matches_transformers_generate(tiny, tiny_checkpoint):
+    model, tok = tiny
+    prompts = questions(tok, 3)
+    ids, mask = left_pad(prompts, tok.pad_id)
+    out = hf_model(tiny_checkpoint).generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                                             eos_token_id=[tok.im_end_id, tok.pad_id], pad_token_id=tok.pad_id)
+    ref = [[t for t in row[ids.shape[1]:].tolist()] for row in out]
+    ref = [r[:next((i for i, t in enumerate(r) if t in (tok.im_end_id, tok.pad_id)), len(r))] for r in ref]
+    assert generate(model, tok, prompts, 16) == ref
+
+
+def test_on_token_streams_every_new_token_in_order(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 2)
+    seen = [[], []]
+    out = generate(model, tok, prompts, 10, on_token=lambda row, t: seen[row].append(t))
+    assert seen == out
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 2)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(generate(model, tok, prompts, 10, temperature=1.0))
+    assert runs[0] == runs[1]
+    assert generate(model, tok, prompts, 10, temperature=1.0, top_p=1e-6) == generate(model, tok, prompts, 10)
+    logits = torch.tensor([[0.0, 3.0, 1.0]])
+    assert sample(logits, 0.0, 1.0).item() == 1
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "system", "content": "You are a helpful assistant that solves math problems step-by-step."},
+     {"role": "user", "content": "What is 6 × 7?"}],
+    [{"role": "user", "content": "No system turn: Qwen adds its own."}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+     {"role": "assistant", "content": "<think>\n1+1=2\n</think>\n\n**Final Answer:** 2"}, {"role": "user", "content": "Q2"}],
+])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_chat_format_equals_the_qwen25_template(tiny_checkpoint, messages, add_generation_prompt):
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(tiny_checkpoint).apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    ref = ref["input_ids"] if hasattr(ref, "keys") else ref
+    assert Tokenizer.from_pretrained(tiny_checkpoint).apply_chat(messages, add_generation_prompt) == list(ref)
+
+
+def test_decode_inverts_encode_for_non_ascii(tiny):
+    _, tok = tiny
+    text = "It costs €5 – that’s 数学 ✓"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
+    from transformers import Qwen2ForCausalLM
+    hf_model(tiny_checkpoint).save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = Qwen2.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
+    ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, ref.config.vocab_size, (1, 9))
+    assert torch.equal(ours(ids), ref(ids))
+
+
+def copy_checkpoint(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def edit_tensors(folder, fn):
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(folder / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_other_model_types_are_refused(tmp_path, tiny_checkpoint):
+    bad = copy_checkpoint(tiny_checkpoint, tmp_path / "llama")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
+        QwenConfig.from_json(bad / "config.json")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing \['model.layers.1.mlp.up_proj.weight'\]"),
+    (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}), r"unexpected \['model.layers.0.extra.weight'\]"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight has shape \(3,\)"),
+])
+def test_bad_tensors_are_named(tmp_path, tiny_checkpoint, damage, message):
+    bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad")
+    edit_tensors(bad, damage)
+    with pytest.raises(ValueError, match=message):
+        Qwen2.from_pretrained(bad, dtype=torch.float32, device="cpu")
+
+
+def test_missing_folder_and_files_are_named(tmp_path, tiny_checkpoint):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        Qwen2.from_pretrained(tmp_path / "nowhere")
+    bad = copy_checkpoint(tiny_checkpoint, tmp_path / "noweights")
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen2.from_pretrained(bad)
+    (bad / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        Qwen2.from_pretrained(bad)
+
+
+def test_hub_download_failure_tells_the_user_to_pass_a_local_folder(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="--model /path/to/folder"):
+        Qwen2.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+@pytest.mark.real
+def test_real_checkpoint_matches_transformers(real_model_dir):
+    """bf16, as it runs: logits equal transformers' and greedy continuations are identical for 3 GSM8K prompts."""
+    model = Qwen2.from_pretrained(real_model_dir, dtype=torch.bfloat16, device="cpu")
+    tok = Tokenizer.from_pretrained(real_model_dir)
+    ref = hf_model(real_model_dir, torch.bfloat16)
+    prompts = questions(tok, 3)
+    with torch.no_grad():
+        for p in prompts:
+            ours, theirs = model(torch.tensor([p])).float(), ref(torch.tensor([p])).logits.float()
+            assert (ours - theirs).abs().max() < 1e-2
+            assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    for p, ours in zip(prompts, [generate(model, tok, [p], 32)[0] for p in prompts]):
+        out = ref.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
+        assert ours == out[:len(ours)] and (len(ours) == 32 or out[len(ours)] in (tok.im_end_id, tok.pad_id))
