@@ -7,6 +7,7 @@ checkpoint names, so loading is a plain name match.
 """
 import json
 from dataclasses import MISSING, dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -49,12 +50,6 @@ class QwenConfig:
         return cls(**{k: raw[k] for k in names if k in raw})
 
 
-def rms_norm(x, weight, eps):
-    # In fp32 whatever the input dtype, as the reference does; the scale multiplies after the cast back.
-    var = x.float().pow(2).mean(-1, keepdim=True)
-    return weight * (x.float() * torch.rsqrt(var + eps)).to(x.dtype)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -62,7 +57,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return rms_norm(x, self.weight, self.eps)
+        # In fp32 whatever the input dtype, as the reference does; the scale multiplies after the cast back.
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
 def rope(positions, head_dim, theta, dtype):
@@ -236,11 +233,14 @@ class Qwen2(nn.Module):
             if t.shape != getattr(module, leaf).shape:
                 raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(getattr(module, leaf).shape)}")
-            setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
+            # copy=True: a tensor of the memory-mapped file would keep its pages resident after quantization
+            setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False))
             if quantize == "nf4" and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
                 quantize_block(model.get_submodule(module_name.rsplit(".", 2)[0]), dtype)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
+        from quant import footprint_gb
+        print(f"loaded {folder}: {footprint_gb(model):.2f} GB of weights ({quantize or 'no'} quantization, {dtype})")
         return model.eval()
 
 
@@ -256,19 +256,14 @@ def checkpoint_tensors(folder):
     """name -> loader of that tensor, for a single or sharded safetensors checkpoint (read lazily, memory-mapped)."""
     from safetensors import safe_open
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (folder / "model.safetensors").exists():
-        weight_map = None
-    else:
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
-    handles = {}
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
     for f in files:
         if not (folder / f).exists():
-            raise FileNotFoundError(f"{folder / f}: shard listed in model.safetensors.index.json is missing")
-        handles[f] = safe_open(str(folder / f), framework="pt")
-    return {name: (lambda h=h, name=name: h.get_tensor(name)) for f, h in handles.items() for name in h.keys()}
+            raise FileNotFoundError(f"{folder}: no {f}" + (" (listed in model.safetensors.index.json)" if index.exists() else ""))
+        handle = safe_open(str(folder / f), framework="pt")
+        tensors.update({name: partial(handle.get_tensor, name) for name in handle.keys()})
+    return tensors
 
 
 def resolve_checkpoint(path_or_repo):

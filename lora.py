@@ -1,0 +1,159 @@
+"""LoRA (Hu et al., 2021) on any linear layer, 16-bit or NF4, with adapters in PEFT's format.
+
+    x ──> W (out, in), frozen, 16-bit or NF4 ───────────────────────────┐
+    └───> dropout ──> A (r, in) ──> B (out, r) ──> * alpha / r ─────── (+) ──> y
+
+A starts Kaiming-uniform and B at zero, so a fresh adapter changes nothing. Only A and B train, in fp32:
+r * (d_in + d_out) numbers per wrapped layer (18,464,768 = 1.18% for Qwen2.5-1.5B, r=16, all 7 projections).
+
+    python lora.py merge --model Qwen/Qwen2.5-1.5B-Instruct --adapter out/adapter --out out/merged
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quant import dequantize
+from tinyreason import PROJECTIONS, Qwen2, resolve_checkpoint
+
+TARGETS = PROJECTIONS  # all seven projections of every block
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
+        self.dropout = nn.Dropout(dropout)
+        # fp32 whatever the base dtype: 16-bit weights lose small updates, and fp16 grads can't be unscaled.
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x):  # x: (..., in)
+        y = self.base(x)  # (..., out)
+        h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
+        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+
+
+def inject(model: nn.Module, targets=TARGETS, r=16, alpha=32, dropout=0.0) -> nn.Module:
+    """Wrap every module whose attribute name is in `targets` in a LoRALinear; freeze everything else."""
+    model.requires_grad_(False)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets:
+                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
+    if missing := set(targets) - {name.rsplit(".", 1)[-1] for name in lora_modules(model)}:
+        raise ValueError(f"target modules {sorted(missing)} not found in the model")
+    return model
+
+
+def trainable_report(model: nn.Module) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # An NF4 weight packs two values per byte: count its logical (out, in).
+    total = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) else p.numel()
+                for p in model.parameters())
+    return f"trainable params: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
+
+
+def lora_modules(model: nn.Module) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict:
+    """A and B under PEFT's names (PeftModel -> LoraModel -> our model; no adapter name in saved keys), e.g.
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight."""
+    return {"base_model.model." + name: p for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def save_adapter(model: nn.Module, out_dir, base_model_name=None):
+    """adapter_model.safetensors (A, B as stored, fp32) + adapter_config.json, loadable by peft.PeftModel."""
+    from safetensors.torch import save_file
+    modules = lora_modules(model)
+    m = next(iter(modules.values()))
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name,
+                  r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout.p, bias="none",
+                  target_modules=sorted({name.rsplit(".", 1)[-1] for name in modules}),
+                  fan_in_fan_out=False, inference_mode=True, use_rslora=False, use_dora=False, modules_to_save=None)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()},
+              Path(out_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
+    (Path(out_dir) / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, this is not a LoRA adapter folder")
+    config = json.loads(path.read_text())
+    # Plain LoRA on named modules only: these PEFT options change the math or add weights beyond A and B.
+    used = [k for k in ("use_dora", "use_rslora", "modules_to_save", "layers_to_transform", "rank_pattern",
+                        "alpha_pattern") if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("target_modules"), list) or used:
+        raise ValueError(f"{path}: not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, target_modules "
+                         f"{config.get('target_modules')!r}, unsupported options {used})")
+    return config
+
+
+def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
+    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), checking every tensor."""
+    from safetensors.torch import load_file
+    config, weights = read_adapter_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
+    inject(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    tensors, params = load_file(weights), lora_state_dict(model)
+    with torch.no_grad():
+        for key in sorted(set(tensors) | set(params)):
+            got, want = (tuple(d[key].shape) if key in d else "absent" for d in (tensors, params))
+            if got != want:
+                raise ValueError(f"{weights}: tensor {key} is {got} in the adapter but {want} in the model "
+                                 f"(given r={config['r']} and the target_modules of adapter_config.json)")
+            params[key].copy_(tensors[key])
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace each LoRALinear by a plain nn.Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is
+    dequantized to its 16-bit dtype first: 4-bit levels cannot hold the sum, so the merged layer is 16-bit."""
+    for name, m in lora_modules(model).items():
+        w = dequantize(m.base)  # (out, in)
+        delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, r) @ (r, in)
+        merged = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
+        merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
+        if m.base.bias is not None:
+            merged.bias = nn.Parameter(m.base.bias.detach().to(w.dtype), requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, merged)
+    return model
+
+
+def export_merged(model_dir_or_repo, adapter_dir, out_dir, dtype=torch.bfloat16):
+    """Write base + adapter as one Hugging Face checkpoint folder (model.safetensors, config.json, tokenizer
+    files) that transformers, vLLM or llama.cpp's GGUF converter read like any Qwen2 checkpoint."""
+    from safetensors.torch import save_file
+    read_adapter_config(adapter_dir)  # a bad adapter fails before the base model is loaded
+    src, out = resolve_checkpoint(model_dir_or_repo), Path(out_dir)
+    model = merge(load_adapter(Qwen2.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
+    # named_parameters lists a tied lm_head once, as the embedding: HF's layout, which transformers re-ties.
+    tensors = {k: v.detach().contiguous() for k, v in model.named_parameters()}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")):
+            (out / f.name).write_bytes(f.read_bytes())
+    print(f"merged {adapter_dir} into {src} ({str(dtype).removeprefix('torch.')}) -> {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Fold a LoRA adapter into its base model: a Hugging Face folder.")
+    parser.add_argument("command", choices=["merge"])
+    parser.add_argument("--model", required=True, help="base checkpoint folder or hub repo id")
+    parser.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    args = parser.parse_args()
+    export_merged(args.model, args.adapter, args.out, getattr(torch, args.dtype))

@@ -1,0 +1,100 @@
+"""NF4 storage of the frozen base: what bitsandbytes computes equals our dequantized reference.
+
+    python -m pytest tests/test_quant.py -q
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quant import dequantize, footprint_gb, is_nf4, to_nf4
+from tinyreason import PROJECTIONS, Qwen2
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def random_linear(d_in=128, d_out=96, bias=True, dtype=torch.float32, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out, bias=bias).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_linear_equals_linear_with_dequantized_weight(dtype):
+    q = to_nf4(random_linear(dtype=dtype), dtype)
+    x = torch.randn(3, 5, 128, dtype=dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(q(x), F.linear(x, dequantize(q), q.bias), **tol)
+
+
+def test_nf4_weight_is_packed_two_values_per_byte_with_8bit_scales():
+    linear = random_linear()
+    q = to_nf4(linear, torch.float32)
+    assert q.weight.dtype == torch.uint8 and q.weight.numel() == linear.weight.numel() // 2
+    state = q.weight.quant_state
+    assert state.quant_type == "nf4" and state.blocksize == 64
+    assert state.nested and state.absmax.dtype == torch.uint8  # double quantization of the block scales
+    assert not q.weight.requires_grad and not q.bias.requires_grad
+
+
+def test_dequantized_weight_is_within_half_an_nf4_step_of_the_original():
+    linear = random_linear()
+    q = to_nf4(linear, torch.float32, double_quant=False)  # exact fp32 block scales: the bound is tight
+    w, w_hat = linear.weight.detach().reshape(-1, 64), dequantize(q).reshape(-1, 64)  # (blocks, 64)
+    levels = bnb.functional.get_4bit_type("nf4", device="cpu")  # 16 values in [-1, 1]
+    half_step = (levels[1:] - levels[:-1]).max() / 2
+    absmax = w.abs().amax(dim=1, keepdim=True)
+    assert ((w - w_hat).abs() <= half_step * absmax + 1e-6).all()
+    assert not torch.equal(w, w_hat)  # it is a lossy format: the test could fail
+
+
+def test_nf4_without_bias_stays_without_bias():
+    q = to_nf4(random_linear(bias=False), torch.float32)
+    assert q.bias is None
+    x = torch.randn(2, 128)
+    torch.testing.assert_close(q(x), F.linear(x, dequantize(q)), atol=1e-5, rtol=1e-5)
+
+
+def test_dequantize_of_a_plain_linear_is_its_weight():
+    linear = random_linear()
+    assert torch.equal(dequantize(linear), linear.weight)
+
+
+def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoint):
+    model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    quantized = {name for name, m in model.named_modules() if is_nf4(m)}
+    assert quantized == {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS}
+    assert len(quantized) == 7 * model.config.num_hidden_layers
+    for name, p in model.named_parameters():
+        module, leaf = name.rsplit(".", 1)
+        if module not in quantized or leaf == "bias":
+            assert p.dtype == torch.bfloat16, name  # embedding, norms, lm_head and biases stay 16-bit
+
+
+def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
+    nf4 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="nf4")
+    ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    for name, m in nf4.named_modules():
+        if is_nf4(m):
+            ref.get_submodule(name).weight.data = dequantize(m)
+    ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(nf4(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
+    bf16 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
+    nf4 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    n_quantized = sum(m.weight.quant_state.shape.numel() for m in nf4.modules() if is_nf4(m))
+    n_blocks, n_layers = n_quantized // 64, 7 * nf4.config.num_hidden_layers
+    saved = (footprint_gb(bf16) - footprint_gb(nf4)) * 1e9  # bytes
+    # 2 bytes -> 0.5 byte per weight, minus the statistics: at least one byte per block (8-bit absmax),
+    # at most an fp32 absmax per block plus fixed tables (NF4 code, second-level code and scales) per layer.
+    assert 1.5 * n_quantized - 4 * n_blocks - 4096 * n_layers <= saved <= 1.5 * n_quantized - n_blocks
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nf4_on_cuda_quantizes_on_the_gpu_and_matches_the_reference():
+    q = to_nf4(random_linear(dtype=torch.bfloat16, device="cuda"), torch.bfloat16)
+    assert q.weight.device.type == "cuda" and q.weight.dtype == torch.uint8
+    x = torch.randn(4, 128, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(q(x), F.linear(x, dequantize(q), q.bias), atol=2e-2, rtol=2e-2)
