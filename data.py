@@ -101,11 +101,12 @@ def prepare_splits(records: list[dict], num_samples: int, validation_split: floa
     """Drop malformed records, shuffle with `seed`, keep `num_samples` (<= 0: all), split off validation.
     Returns (train, validation, number of malformed records)."""
     good = [r for r in records if format_example(r) is not None]
+    n_bad = len(records) - len(good)
     random.Random(seed).shuffle(good)
     if num_samples > 0:
         good = good[:num_samples]
     n_val = round(len(good) * validation_split)
-    return good[n_val:], good[:n_val], len(records) - len(good)
+    return good[n_val:], good[:n_val], n_bad
 
 
 def build_example(tokenizer, record: dict) -> dict:
@@ -134,6 +135,20 @@ def build_examples(tokenizer, records: list[dict], max_seq_length: int) -> tuple
     return kept, len(examples) - len(kept)
 
 
+def load_splits(source: str, tokenizer, num_samples: int, validation_split: float, max_seq_length: int, seed: int,
+                log=print) -> tuple[list[dict], list[dict]]:
+    """Train and validation examples from `source`, logging what was skipped or dropped."""
+    records = load_records(source)
+    train_records, val_records, n_bad = prepare_splits(records, num_samples, validation_split, seed)
+    train, n_long = build_examples(tokenizer, train_records, max_seq_length)
+    val, n_long_val = build_examples(tokenizer, val_records, max_seq_length)
+    log(f"data: {len(records)} records, {n_bad} malformed skipped, {n_long + n_long_val} longer than "
+        f"{max_seq_length} tokens dropped -> {len(train)} train, {len(val)} validation")
+    if not train:
+        raise ValueError(f"{source}: no training examples left")
+    return train, val
+
+
 def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
                            group: int = 64) -> list[list[int]]:
     """One epoch of batches (lists of example indices). Shuffled with (seed, epoch), then sorted by length
@@ -147,6 +162,23 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
         batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
+
+
+def step_batches(examples: list[dict], batch_size: int, accumulation: int, seed: int, position: tuple[int, int],
+                 pad_id: int) -> tuple[list[dict], tuple[int, int]]:
+    """The `accumulation` micro-batches of one optimizer step, starting at data position (epoch, batch index),
+    and the position after them. An epoch's order depends only on (seed, epoch), so a saved position resumes."""
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    epoch, index = position
+    order = length_grouped_batches(lengths, batch_size, seed, epoch)
+    out = []
+    while len(out) < accumulation:
+        if index == len(order):
+            epoch, index = epoch + 1, 0
+            order = length_grouped_batches(lengths, batch_size, seed, epoch)
+        out.append(collate([examples[i] for i in order[index]], pad_id))
+        index += 1
+    return out, (epoch, index)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:

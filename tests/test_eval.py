@@ -1,0 +1,217 @@
+"""eval.py: answer extraction and normalization on hand-made outputs, the Wilson interval, and end-to-end runs
+on a tiny random checkpoint (base model and with a saved adapter).
+
+    python -m pytest tests/test_eval.py -q
+"""
+import json
+import math
+import re
+import sys
+
+import pytest
+import torch
+
+import eval as ev
+import lora
+from conftest import gsm8k_records
+from tinyreason import Qwen2, Tokenizer, generate
+
+
+@pytest.mark.parametrize("answer, expected", [
+    ("THREE", "3"),                      # case folding, then the word
+    ("1, 200", "1200"),                  # comma and space inside a number
+    ("42.0", "42"),                      # trailing .0
+    ("seven", "7"),
+    ("twenty-five", "25"),
+    ("one hundred and five", "105"),
+    ("two thousand five hundred", "2500"),
+    ("$350", "350"),
+    ("$1,200.00", "1200"),
+    ("€1.5", "1.5"),
+    ("15 meters", "15"),
+    ("3/4", "0.75"),
+    ("\\frac{3}{4}", "0.75"),
+    ("50%", "50"),
+    ("-5", "-5"),
+    ("−5", "-5"),                        # Unicode minus
+    ("-$5", "-5"),
+    ("Each one costs $5", "5"),          # digits win over number words
+    ("18 eggs, since 9 * 2 = 18", "18"),  # the first number of the span, not the arithmetic after it
+    ("Blue.", "blue"),                   # no number: the lower-cased text
+])
+def test_normalize_follows_the_recipe_table(answer, expected):
+    assert ev.normalize(answer) == expected
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("<think>\n9 * 2 = 18\n</think>\n\n**Final Answer:** 18\n\nCheck: 18 - 9 = 9 and 3 more", "18"),
+    ("\\boxed{3} was wrong.\n**Final Answer:** 4", "4"),          # the delimiter beats a box
+    ("#### 5, or rather \\boxed{6}", "6"),                         # a box beats ####
+    ("\\boxed{1} then \\boxed{\\frac{3}{4}}", "0.75"),            # the last box, nested braces
+    ("\\boxed{9}\n**Final Answer:**", "9"),                        # an empty final answer falls through
+    ("so the answer is\n#### 1,080\n(since 20 more)", "1080"),     # #### beats the last number
+    ("We get 12, then 15 apples.", "15"),                          # else the last number
+    ("16-3 = 13", "13"),                                           # a subtraction is not a negative number
+    ("the change is -5", "-5"),
+    ("total is 1,200", "1200"),
+])
+def test_extraction_order(output, expected):
+    assert ev.normalize(ev.extract_answer(output)) == expected
+
+
+def test_output_without_an_answer_extracts_nothing_and_is_wrong():
+    assert ev.extract_answer("I do not know.") is None
+    assert not ev.is_correct(ev.normalize(None), "0")
+
+
+@pytest.mark.parametrize("pred, gold, correct", [
+    ("$1,200.00", "1200", True), ("1200.5", "1200", False), ("0.1", "0.10", True), ("-5", "5", False),
+    ("seven", "7", True), ("blue", "blue", True), ("blue", "red", False),
+])
+def test_answers_compare_numerically(pred, gold, correct):
+    assert ev.is_correct(ev.normalize(pred), ev.normalize(gold)) is correct
+
+
+def test_float_rounding_does_not_make_an_answer_wrong():
+    assert ev.is_correct(repr(0.1 + 0.2), "0.3")
+
+
+@pytest.mark.parametrize("output, compliant", [
+    ("<think>\n1 + 1 = 2\n</think>\n\n**Final Answer:** 2", True),
+    ("**Final Answer:** 2", False),                                  # no reasoning block
+    ("<think>\n1 + 1 = 2\n\n**Final Answer:** 2", False),           # never closed
+    ("<think>\n**Final Answer:** 2\n</think>", False),               # answer inside the reasoning
+])
+def test_format_compliance_needs_a_closed_think_then_the_delimiter(output, compliant):
+    assert bool(ev.FORMATS["tinyreason"].search(output)) is compliant
+
+
+@pytest.mark.parametrize("k, n", [(21, 50), (1, 10), (37, 40), (500, 1319)])
+def test_wilson_bounds_are_where_the_score_test_reaches_z(k, n):
+    """The Wilson interval inverts the score test: at each bound p0, |k/n - p0| / sqrt(p0 (1 - p0) / n) = z."""
+    z, p = 1.959964, k / n
+    lo, hi = ev.wilson(k, n)
+    assert lo < p < hi
+    for p0 in (lo, hi):
+        assert abs(p - p0) / math.sqrt(p0 * (1 - p0) / n) == pytest.approx(z, rel=1e-9)
+
+
+def test_wilson_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    ci = stats.binomtest(21, 50).proportion_ci(confidence_level=0.95, method="wilson")
+    assert ev.wilson(21, 50) == pytest.approx((ci.low, ci.high), abs=1e-6)  # about (0.2938, 0.5577)
+
+
+def test_wilson_stays_inside_0_1_at_the_extremes():
+    lo, hi = ev.wilson(0, 10)
+    assert lo == 0 and 0 < hi < 0.5
+    lo, hi = ev.wilson(10, 10)
+    assert 0.5 < lo and hi == pytest.approx(1)
+
+
+# ---- end to end on the tiny random checkpoint
+
+@pytest.fixture
+def gsm_file(tmp_path):
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(5)))
+    return path
+
+
+def run_eval(monkeypatch, capsys, *flags):
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--quantize", "none", "--dtype", "fp32", "--device", "cpu",
+                                      "--max_new_tokens", "6", "--batch_size", "2", *map(str, flags)])
+    ev.main()
+    return capsys.readouterr().out.strip().splitlines()
+
+
+def greedy(model, tokenizer, prompt, n=6):
+    return tokenizer.decode(generate(model, tokenizer, [prompt], n)[0])
+
+
+def test_eval_reports_and_writes_one_line_per_problem(tiny_checkpoint, gsm_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "preds.jsonl"
+    lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", gsm_file,
+                     "--limit", 0, "--out", out)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["question"] for r in rows] == [r["question"] for r in gsm8k_records(5)]
+    assert all(r.keys() >= {"question", "gold", "output", "extracted", "normalized", "correct"} for r in rows)
+    assert [r["gold"] for r in rows] == [r["answer"].rsplit("####", 1)[1].strip().replace(",", "")
+                                         for r in gsm8k_records(5)]
+    k = sum(r["correct"] for r in rows)
+    assert lines[-1] == f"accuracy: {k / 5:.4f} ({k}/5)"
+    assert re.fullmatch(r"accuracy: \d\.\d{4} \(\d+/\d+\)", lines[-1])
+    report = "\n".join(lines)
+    for label in ("95% Wilson interval", "format compliance", "mean generated tokens", "tok/s"):
+        assert label in report
+
+
+def test_batched_sorted_eval_keeps_each_output_with_its_problem(tiny_checkpoint, gsm_file, tmp_path, monkeypatch,
+                                                                capsys):
+    out = tmp_path / "preds.jsonl"
+    run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", gsm_file,
+             "--limit", 3, "--out", out, "--prompt_style", "boxed")
+    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3
+    for row, record in zip(rows, gsm8k_records(3)):
+        prompt = tok.apply_chat([{"role": "user", "content": record["question"] + ev.BOXED_SUFFIX}])
+        assert row["output"] == greedy(model, tok, prompt)
+
+
+def test_eval_loads_the_adapter_and_its_experiment_config(tiny_checkpoint, gsm_file, tmp_path, monkeypatch, capsys):
+    model = lora.inject(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), r=4, alpha=8)
+    torch.manual_seed(0)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.5)  # a trained-looking adapter: outputs must change
+    adapter = tmp_path / "adapter"
+    lora.save_adapter(model, adapter, str(tiny_checkpoint))
+    (adapter / "experiment_config.json").write_text(json.dumps({"test_samples": 2}))
+    system = "Think, then answer."
+    out = tmp_path / "preds.jsonl"
+    lines = run_eval(monkeypatch, capsys, "--adapter", adapter, "--data", gsm_file, "--out", out, "--system", system)
+    assert lines[-1].endswith("/2)")  # test_samples from the config; the model from adapter_config.json
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    base = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    for row, record in zip((json.loads(line) for line in out.read_text().splitlines()), gsm8k_records(2)):
+        prompt = tok.apply_chat([{"role": "system", "content": system}, {"role": "user", "content": record["question"]}])
+        assert row["output"] == greedy(model, tok, prompt)
+        assert row["output"] != greedy(base, tok, prompt)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+    monkeypatch.setattr(Qwen2, "from_pretrained", fail)
+
+
+def test_missing_adapter_folder_is_reported_before_loading(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):
+    with pytest.raises(SystemExit, match="--adapter.*nowhere"):
+        run_eval(monkeypatch, capsys, "--adapter", tmp_path / "nowhere", "--data", gsm_file)
+
+
+def test_adapter_folder_without_config_is_reported(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(SystemExit, match="adapter_config.json"):
+        run_eval(monkeypatch, capsys, "--adapter", tmp_path / "adapter", "--data", gsm_file)
+
+
+def test_data_without_answer_field_is_reported_before_loading(tmp_path, tiny_checkpoint, monkeypatch, capsys,
+                                                              no_model_load):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "1 + 1?", "answer": "2\n#### 2"}) + "\n" + json.dumps({"question": "2?"}))
+    with pytest.raises(SystemExit, match="record 1.*answer"):
+        run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", bad, "--limit", 0)
+
+
+def test_missing_data_file_is_reported_before_loading(tmp_path, tiny_checkpoint, monkeypatch, capsys, no_model_load):
+    with pytest.raises(SystemExit, match="--data.*missing.jsonl"):
+        run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data",
+                 tmp_path / "missing.jsonl")
+
+
+def test_missing_model_folder_is_reported(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):
+    with pytest.raises(SystemExit, match="--model.*no_model"):
+        run_eval(monkeypatch, capsys, "--model", tmp_path / "no_model", "--adapter", "none", "--data", gsm_file)

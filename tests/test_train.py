@@ -1,0 +1,202 @@
+"""The training loop: loss, accumulation, schedule, config, checkpoints, resume, and a tiny end-to-end run.
+
+    python -m pytest tests/test_train.py -q
+"""
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import gsm8k_records, make_checkpoint
+from safetensors.torch import load_file
+
+import data
+import lora
+import train
+from tinyreason import IGNORE, Qwen2, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "gsm8k32.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(32)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def learnable_checkpoint(tmp_path_factory, tokenizer_dir):
+    """Init std 0.1 instead of 0.02: with 0.02 the normed hidden state can move the logits by about 1 at most,
+    so a few steps barely change the loss and "the loss went down" would prove little."""
+    return make_checkpoint(tmp_path_factory.mktemp("learnable"), tokenizer_dir, tie=False, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_checkpoint):
+    tokenizer = Tokenizer.from_pretrained(tiny_checkpoint)
+    return [data.build_example(tokenizer, r) for r in gsm8k_records(4)], tokenizer.pad_id
+
+
+def lora_model(checkpoint_dir):
+    """fp32 tiny model with adapters whose B is random, so every LoRA weight gets a gradient."""
+    torch.manual_seed(0)
+    model = lora.inject(Qwen2.from_pretrained(checkpoint_dir, dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    return model.train()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def run_flags(checkpoint, data_file, out, *extra):
+    return ["--model", str(checkpoint), "--data", str(data_file), "--output_dir", str(out),
+            "--adapter_path", str(out / "adapter"), "--num_samples", "32", "--validation_split", "0.25",
+            "--lora_r", "4", "--lora_alpha", "8", "--batch_size", "2", "--gradient_accumulation_steps", "2",
+            "--logging_steps", "2", *extra]
+
+
+def adapter_tensors(folder):
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    cfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=10, max_steps=110)
+    lrs = [train.get_lr(s, cfg) for s in range(cfg.max_steps)]
+    assert lrs[0] == pytest.approx(1e-4)  # step 0 already trains
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # the peak at the end of warmup
+    assert lrs[-1] == pytest.approx(1e-3 / 100)  # one decay step before 0
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_loss_on_target_positions_equals_full_logits_cross_entropy(tiny_checkpoint, examples, monkeypatch):
+    monkeypatch.setattr(train, "CE_CHUNK", 7)  # several chunks, the last one partial
+    model = lora_model(tiny_checkpoint)
+    batch = data.collate(*examples)
+    loss_sum, n = train.compute_loss(model, batch)
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, V)
+    labels = batch["labels"][:, 1:]
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    assert n == int((labels != IGNORE).sum()) > 0
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_four_micro_batches_of_one_give_the_gradient_of_one_batch_of_four(tiny_checkpoint, examples):
+    exs, pad_id = examples
+    assert len({len(ex["input_ids"]) for ex in exs}) > 1  # unequal lengths: per-batch means would differ
+    off, scaler = nullcontext(), torch.amp.GradScaler("cpu", enabled=False)
+    model = lora_model(tiny_checkpoint)
+    loss_4x1, n_4x1 = train.accumulate_gradients(model, [data.collate([ex], pad_id) for ex in exs], off, scaler)
+    g_4x1 = grads(model)
+    model.zero_grad()
+    loss_1x4, n_1x4 = train.accumulate_gradients(model, [data.collate(exs, pad_id)], off, scaler)
+    assert n_4x1 == n_1x4 and loss_4x1 == pytest.approx(loss_1x4, rel=1e-6)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g_4x1[name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_step_without_target_tokens_is_an_error(tiny_checkpoint, examples):
+    exs, pad_id = examples
+    batch = data.collate(exs[:1], pad_id)
+    batch["labels"].fill_(IGNORE)
+    with pytest.raises(ValueError, match="no target tokens"):
+        train.accumulate_gradients(lora_model(tiny_checkpoint), [batch], nullcontext(),
+                                   torch.amp.GradScaler("cpu", enabled=False))
+
+
+def test_explicit_flags_override_the_json_config(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"max_steps": 7, "learning_rate": 1e-3, "target_modules": ["q_proj", "v_proj"]}))
+    cfg = train.parse_config(["--config", str(path), "--learning_rate", "5e-4", "--no-gradient_checkpointing"])
+    assert (cfg.max_steps, cfg.learning_rate, cfg.target_modules) == (7, 5e-4, ("q_proj", "v_proj"))
+    assert cfg.gradient_checkpointing is False and cfg.batch_size == train.TrainConfig().batch_size
+
+
+def test_unknown_json_config_field_is_rejected(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"max_step": 7}))
+    with pytest.raises(SystemExit):
+        train.parse_config(["--config", str(path)])
+    assert "unknown fields ['max_step']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be > 0"),
+    (["--validation_split", "1.0"], r"--validation_split must be in \[0, 1\)"),
+    (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    (["--optim", "sgd"], "--optim 'sgd'"),
+])
+def test_bad_flags_fail_before_any_loading(flags, message):
+    with pytest.raises(ValueError, match=message):
+        train.main(["--model", "/nonexistent/model", *flags])
+
+
+def test_missing_model_folder_fails_before_loading(gsm8k_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="/nonexistent/model"):
+        train.main(run_flags("/nonexistent/model", gsm8k_file, tmp_path))
+
+
+def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkpoint, gsm8k_file, tmp_path):
+    flags = run_flags(learnable_checkpoint, gsm8k_file, tmp_path, "--max_steps", "12", "--warmup_steps", "2",
+                      "--learning_rate", "1e-2", "--eval_steps", "4", "--save_steps", "4", "--save_total_limit", "1")
+    state = train.main(flags + ["--dtype", "bf16"])  # the recipe's path: NF4 base, bf16 autocast
+    losses = state["train_losses"]
+    assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 3 * 0.2
+    val = state["val_losses"]
+    assert sorted(val) == [4, 8, 12] and val[12] < val[4]
+    best = min(val, key=val.get)
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
+    assert kept == sorted({f"checkpoint-{best:06d}", "checkpoint-000012"})  # the newest, and the best is kept
+    adapter = tmp_path / "adapter"
+    # experiment_config.json is the resolved config: feeding it back reproduces the run's settings.
+    assert train.parse_config(["--config", str(adapter / "experiment_config.json")]) == \
+        train.parse_config(flags + ["--dtype", "bf16"])
+    saved, best_saved = adapter_tensors(adapter), adapter_tensors(tmp_path / f"checkpoint-{best:06d}")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # LoRA weights stay fp32 under bf16 autocast
+    assert saved.keys() == best_saved.keys() and all(torch.equal(t, best_saved[k]) for k, t in saved.items())
+    model = lora.load_adapter(Qwen2.from_pretrained(learnable_checkpoint, dtype=torch.float32, device="cpu"), adapter)
+    assert all(torch.equal(p, saved[k]) for k, p in lora.lora_state_dict(model).items())
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_checkpoint, gsm8k_file,
+                                                                                tmp_path, monkeypatch):
+    extra = ("--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "5e-3", "--eval_steps", "2",
+             "--save_steps", "6", "--dtype", "fp32",
+             "--lora_dropout", "0.1", "--optim", "adamw_8bit")  # the RNG and 8-bit states must round-trip too
+    straight = train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "a", *extra))
+
+    get_lr = train.get_lr
+
+    def ctrl_c_at_step_4(step, cfg):
+        if step == 3:
+            raise KeyboardInterrupt
+        return get_lr(step, cfg)
+    monkeypatch.setattr(train, "get_lr", ctrl_c_at_step_4)
+    with pytest.raises(SystemExit):
+        train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "b", *extra))
+    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-000003"]
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    resumed = train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "b", *extra, "--resume", "latest"))
+
+    assert resumed["train_losses"] == straight["train_losses"] and resumed["val_losses"] == straight["val_losses"]
+    a, b = adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(tmp_path / "b" / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, gsm8k_file, tmp_path, monkeypatch,
+                                                              capsys):
+    compute_loss = train.compute_loss
+    calls = []
+
+    def inf_on_first_micro_batch(model, batch):
+        loss, n = compute_loss(model, batch)
+        calls.append(n)
+        return (loss * float("inf") if len(calls) == 1 else loss), n
+    monkeypatch.setattr(train, "compute_loss", inf_on_first_micro_batch)
+    train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path, "--max_steps", "2", "--warmup_steps", "1",
+                         "--dtype", "fp32", "--validation_split", "0", "--save_steps", "2"))
+    assert "step 1: non-finite gradient norm, update skipped" in capsys.readouterr().out
+    saved = adapter_tensors(tmp_path / "adapter")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in saved.items())  # step 2 did train
