@@ -48,7 +48,8 @@ def add_model_flags(p: argparse.ArgumentParser):
 def resolve_model_flags(args) -> tuple[Path | None, dict]:
     """Check the adapter folder (cheap, before any weights load) and fill unset flags from the training run's
     experiment_config.json beside it, else from TrainConfig's defaults. Returns (adapter, that config)."""
-    cfg, adapter = asdict(TrainConfig()), None if args.adapter.lower() == "none" else Path(args.adapter)
+    cfg = asdict(TrainConfig())
+    adapter = None if args.adapter.lower() == "none" else Path(args.adapter)
     if adapter is not None:
         if not (adapter / "adapter_model.safetensors").is_file():
             raise SystemExit(f"--adapter: no adapter_model.safetensors in {adapter} "

@@ -33,8 +33,11 @@ NUMBER_WORDS_RE = re.compile(rf"\b{_WORD}(?:[\s-]+(?:and\s+)?{_WORD})*")  # "twe
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, nested braces included ("\\boxed{\\frac{3}{4}}")."""
-    start, depth = text.rfind("\\boxed{"), 0
-    for i in range(start + len("\\boxed"), len(text) if start >= 0 else 0):
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
             return text[start + len("\\boxed{"): i]
@@ -42,7 +45,8 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer span of a response, in the order a TinyReason, a Qwen-math or a GSM8K-style answer gives it."""
+    """The answer span of a response: TinyReason's delimiter, else Qwen-math's box, else GSM8K's own `#### N`
+    answer line, else the last number. "Flexible": any of them counts; the format check is separate."""
     if "**Final Answer:**" in text and (span := text.rsplit("**Final Answer:**", 1)[1].strip()):
         return span
     if (span := last_boxed(text)) is not None:
@@ -146,30 +150,33 @@ def main():
     records = load_eval_records(args.data, args.split, limit)
     net, tokenizer = load_model(args, adapter)
     print(f"model {args.model} | adapter {adapter} | {args.quantize} {args.dtype} on {args.device} | "
-          f"{args.prompt_style} prompts | {len(records)} problems from {args.data} ({args.split})")
+          f"{args.prompt_style} prompts | {len(records)} problems from {args.data}")
     prompts = [prompt_ids(tokenizer, r["question"], args.prompt_style, args.system) for r in records]
 
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     rows, n_tokens, seconds = [None] * len(prompts), 0, 0.0
     bar = tqdm(range(0, len(order), args.batch_size), desc="eval", unit="batch")
+    tokens = tqdm(desc="generated", unit="tok", position=1)  # a long batch shows life, and its speed
     for start in bar:
         batch = order[start: start + args.batch_size]
         t0 = time.perf_counter()
-        new_ids = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0)
+        new_ids = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
+                           on_token=lambda row, token: tokens.update())
         seconds += time.perf_counter() - t0
         for i, ids in zip(batch, new_ids):
             rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style)
             n_tokens += len(ids)
         done = order[: start + len(batch)]
         bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
+    tokens.close()
 
     with open(args.out, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
     n, k = len(rows), sum(row["correct"] for row in rows)
     n_strict, n_format = sum(r["correct"] and r["compliant"] for r in rows), sum(r["compliant"] for r in rows)
     lo, hi = wilson(k, n)
-    print(f"95% Wilson interval: [{lo:.4f}, {hi:.4f}]")
+    print(f"accuracy, 95% Wilson interval: [{lo:.4f}, {hi:.4f}]")
     print(f"strict accuracy (answer in the {args.prompt_style} format): {n_strict / n:.4f} ({n_strict}/{n})")
     print(f"format compliance: {n_format / n:.4f} ({n_format}/{n})")
     print(f"mean generated tokens: {n_tokens / n:.1f}")

@@ -132,7 +132,8 @@ def resolve_precision(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda":
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4, V100: fp16
     # CPUs without bf16 instructions (AVX2 only) emulate bf16 matmuls, about 9x slower than fp32 ones.
-    return device, torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device, torch.bfloat16 if native_bf16 else torch.float32
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -150,15 +151,17 @@ def _chunk_loss(lm_head, h, y):
 def compute_loss(model, batch) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the target positions of `batch`, and their number.
 
-    lm_head runs only where the next token is a target, in chunks whose fp32 logits are recomputed in
-    backward rather than kept, so at most one (CE_CHUNK, vocab) fp32 block exists at a time."""
+    lm_head runs only where the next token is a target, in chunks of CE_CHUNK positions. With several chunks,
+    each one's fp32 logits are recomputed in backward rather than kept, so at most one (CE_CHUNK, vocab) fp32
+    block exists at a time; a single chunk is kept, which peaks no higher and saves the recompute."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     is_target = labels != IGNORE
     hidden = model.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][is_target]  # (N, D)
     targets = labels[is_target]  # (N,)
-    run = (lambda *a: checkpoint(_chunk_loss, *a, use_reentrant=False)) if torch.is_grad_enabled() else _chunk_loss
-    loss = sum(run(model.lm_head, h, y) for h, y in zip(hidden.split(CE_CHUNK), targets.split(CE_CHUNK)))
-    return loss, targets.numel()
+    chunks = list(zip(hidden.split(CE_CHUNK), targets.split(CE_CHUNK)))
+    if len(chunks) > 1 and torch.is_grad_enabled():
+        return sum(checkpoint(_chunk_loss, model.lm_head, h, y, use_reentrant=False) for h, y in chunks), len(targets)
+    return sum(_chunk_loss(model.lm_head, h, y) for h, y in chunks), len(targets)
 
 
 def accumulate_gradients(model, micro_batches, autocast, scaler) -> tuple[float, int]:
@@ -233,12 +236,17 @@ def save_checkpoint(model, optimizer, scaler, state: dict, cfg: TrainConfig) -> 
                tmp / "training_state.pt")
     (tmp / "experiment_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     replace_folder(tmp, final)
-    saved = checkpoints(cfg.output_dir)
-    keep = best_step(saved, state["val_losses"])
-    for step in list(saved)[:-cfg.save_total_limit]:
+    prune_checkpoints(cfg.output_dir, state["val_losses"], cfg.save_total_limit)
+    return final
+
+
+def prune_checkpoints(output_dir, val_losses: dict[int, float], limit: int):
+    """Keep the newest `limit` checkpoints, and the best one by validation loss whatever its age."""
+    saved = checkpoints(output_dir)
+    keep = best_step(saved, val_losses)
+    for step in list(saved)[:-limit]:
         if step != keep:
             discard(saved[step])
-    return final
 
 
 def load_training_state(folder: Path, optimizer, scaler) -> dict:

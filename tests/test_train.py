@@ -70,16 +70,24 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_loss_on_target_positions_equals_full_logits_cross_entropy(tiny_checkpoint, examples, monkeypatch):
-    monkeypatch.setattr(train, "CE_CHUNK", 7)  # several chunks, the last one partial
+@pytest.mark.parametrize("chunk", [7, 4096])  # several chunks (recomputed in backward, last one partial), one chunk
+def test_loss_and_gradients_on_target_positions_equal_full_logits_cross_entropy(tiny_checkpoint, examples,
+                                                                                monkeypatch, chunk):
+    monkeypatch.setattr(train, "CE_CHUNK", chunk)
     model = lora_model(tiny_checkpoint)
     batch = data.collate(*examples)
     loss_sum, n = train.compute_loss(model, batch)
+    loss_sum.backward()
+    ours = grads(model)
+    model.zero_grad()
     logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]  # (B, T-1, V)
     labels = batch["labels"][:, 1:]
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
+    expected.backward()
     assert n == int((labels != IGNORE).sum()) > 0
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_four_micro_batches_of_one_give_the_gradient_of_one_batch_of_four(tiny_checkpoint, examples):
@@ -135,6 +143,14 @@ def test_bad_flags_fail_before_any_loading(flags, message):
 def test_missing_model_folder_fails_before_loading(gsm8k_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="/nonexistent/model"):
         train.main(run_flags("/nonexistent/model", gsm8k_file, tmp_path))
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_the_best_one(tmp_path):
+    for step in (2, 4, 6, 8, 10):
+        (tmp_path / f"checkpoint-{step:06d}").mkdir()
+    train.prune_checkpoints(tmp_path, {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}, limit=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000004", "checkpoint-000008",
+                                                          "checkpoint-000010"]
 
 
 def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkpoint, gsm8k_file, tmp_path):
