@@ -3,7 +3,7 @@
     python bench.py --model /path/to/qwen2-folder --steps 3 --batch_size 2 --seq_len 256 --gen_batch 16 --gen_tokens 64
 
 Both sides get the same checkpoint, the same GSM8K sequences and the same recipe: QLoRA training (NF4 base with
-double quantization, r=16 on all seven projections, bf16 compute, AdamW) and batched greedy generation from the
+double quantization, r=16 on all seven projections, the same compute dtype, AdamW) and batched greedy generation from the
 16-bit model. Every measurement runs in a fresh subprocess, so each peak memory figure belongs to one side alone.
 """
 import argparse
@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+from tinyreason import resolve_precision
 
 
 @dataclass
@@ -27,6 +29,7 @@ class BenchConfig:
     gen_tokens: int = 64
     no_peer: bool = False
     device: str = "auto"
+    dtype: str = "auto"  # compute dtype of both sides; auto: bf16 where the hardware has it, else fp32/fp16
 
 
 def peak_gb(device):
@@ -61,16 +64,16 @@ def timed_steps(step, batches, device):
     return tokens / (time.perf_counter() - start), peak_gb(device)
 
 
-def train_ours(cfg, device):
+def train_ours(cfg, device, dtype):
     import lora
     from tinyreason import Qwen2, Tokenizer
     from train import compute_loss
-    model = lora.inject(Qwen2.from_pretrained(cfg.model, torch.bfloat16, device, quantize="nf4"), r=16, alpha=32).train()
+    model = lora.inject(Qwen2.from_pretrained(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
     def step(batch):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             loss, n = compute_loss(model, batch)
         (loss / n).backward()
         opt.step()
@@ -78,20 +81,20 @@ def train_ours(cfg, device):
     return timed_steps(step, training_batches(cfg, Tokenizer.from_pretrained(cfg.model)), device)
 
 
-def train_peer(cfg, device):
+def train_peer(cfg, device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from tinyreason import PROJECTIONS, Tokenizer, resolve_checkpoint
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16)
+                             bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
-                                                 dtype=torch.bfloat16, device_map=str(device))
+                                                 dtype=dtype, device_map=str(device))
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
     def step(batch):
         batch = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device.type, torch.bfloat16):
+        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss  # mean over target tokens, full-vocabulary logits
         loss.backward()
         opt.step()
@@ -108,17 +111,17 @@ def timed_generation(run, device):
     return new_tokens / (time.perf_counter() - start), peak_gb(device)
 
 
-def gen_ours(cfg, device):
+def gen_ours(cfg, device, dtype):
     from tinyreason import Qwen2, Tokenizer, generate
-    model, tok = Qwen2.from_pretrained(cfg.model, torch.bfloat16, device), Tokenizer.from_pretrained(cfg.model)
+    model, tok = Qwen2.from_pretrained(cfg.model, dtype, device), Tokenizer.from_pretrained(cfg.model)
     prompts = gen_prompts(cfg, tok)
     return timed_generation(lambda n: sum(map(len, generate(model, tok, prompts, n or cfg.gen_tokens))), device)
 
 
-def gen_peer(cfg, device):
+def gen_peer(cfg, device, dtype):
     from transformers import AutoModelForCausalLM
     from tinyreason import Tokenizer, resolve_checkpoint
-    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=torch.bfloat16).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
     tok = Tokenizer.from_pretrained(cfg.model)
     prompts = gen_prompts(cfg, tok)
     T = max(map(len, prompts))
@@ -159,11 +162,11 @@ def main():
     worker, cfg_json = args.pop("worker"), args.pop("cfg")
     if worker:
         cfg = BenchConfig(**json.loads(cfg_json))
-        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-        print(json.dumps(WORKERS[worker](cfg, device)))
+        print(json.dumps(WORKERS[worker](cfg, *resolve_precision(cfg.device, cfg.dtype))))
         return
     cfg = BenchConfig(**args)
-    print(f"bench: {cfg}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"bench: {cfg} -> {resolve_precision(cfg.device, cfg.dtype)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     r = {name: measure(name, cfg) for name in WORKERS if not (cfg.no_peer and name.endswith("peer"))}
     nan = (float("nan"), float("nan"))
     (tr, tr_gb), (ptr, ptr_gb) = r["train_ours"], r.get("train_peer", nan)

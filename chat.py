@@ -13,8 +13,8 @@ from pathlib import Path
 
 import data
 import lora
-from tinyreason import Qwen2, Tokenizer, default_device, generate, resolve_checkpoint
-from train import DTYPES, TrainConfig
+from tinyreason import DTYPES, Qwen2, Tokenizer, generate, resolve_checkpoint, resolve_precision
+from train import TrainConfig
 
 
 class StreamDecoder:
@@ -42,7 +42,7 @@ def add_model_flags(p: argparse.ArgumentParser):
     p.add_argument("--system", default=data.SYSTEM_PROMPT, help="system prompt (default: the training one)")
     p.add_argument("--quantize", choices=("nf4", "none"), help="base weights (default: as in training)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES)
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: bf16 where the hardware has it")
 
 
 def resolve_model_flags(args) -> tuple[Path | None, dict]:
@@ -62,7 +62,7 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
             cfg |= json.loads(path.read_text())
     args.model = args.model or cfg["model"]
     args.quantize = args.quantize or cfg["quantize"]
-    args.device = args.device or default_device()
+    args.device, args.dtype = resolve_precision(args.device, args.dtype)
     return adapter, cfg
 
 
@@ -72,7 +72,7 @@ def load_model(args, adapter: Path | None):
         path = resolve_checkpoint(args.model)
     except (OSError, RuntimeError) as e:
         raise SystemExit(f"--model: {e}")
-    model = Qwen2.from_pretrained(path, dtype=DTYPES[args.dtype], device=args.device,
+    model = Qwen2.from_pretrained(path, dtype=args.dtype, device=args.device,
                                   quantize=None if args.quantize == "none" else args.quantize)
     if adapter is not None:
         model = lora.load_adapter(model, adapter)

@@ -6,6 +6,7 @@ lm_head (tied to the embedding in some checkpoints, separate in others). Module 
 checkpoint names, so loading is a plain name match.
 """
 import json
+import sys
 from dataclasses import MISSING, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -217,7 +218,7 @@ class Qwen2(nn.Module):
             raise ValueError(f"quantize={quantize!r}: expected 'nf4' or None")
         folder = resolve_checkpoint(path_or_repo)
         config = QwenConfig.from_json(folder / "config.json")
-        device = torch.device(device) if device else default_device()
+        device, _ = resolve_precision(device)
         with torch.device("meta"):
             model = cls(config)
         tensors = checkpoint_tensors(folder)
@@ -242,7 +243,8 @@ class Qwen2(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         from quant import footprint_gb
-        print(f"loaded {folder}: {footprint_gb(model):.2f} GB of weights ({quantize or 'no'} quantization, {dtype})")
+        print(f"loaded {folder}: {footprint_gb(model):.2f} GB of weights ({quantize or 'no'} quantization, {dtype})",
+              file=sys.stderr)  # stdout stays for the scripts' answers
         return model.eval()
 
 
@@ -286,8 +288,20 @@ def resolve_checkpoint(path_or_repo):
                            f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
 
 
-def default_device():
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_precision(device="auto", dtype="auto"):
+    """The --device and --dtype flags as torch objects. auto: CUDA when present; bf16 where the hardware computes
+    in it, fp16 on GPUs without bf16 (T4, V100), fp32 on CPUs without bf16 instructions (AVX2 only), which
+    emulate bf16 matmuls about 9x slower than fp32 ones."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    if dtype not in (None, "auto"):
+        return device, DTYPES[dtype]
+    if device.type == "cuda":
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device, torch.bfloat16 if native_bf16 else torch.float32
 
 
 class Tokenizer:

@@ -29,9 +29,8 @@ from tqdm import tqdm
 
 import lora
 from data import collate, is_local, load_splits, step_batches
-from tinyreason import IGNORE, Qwen2, Tokenizer, default_device, resolve_checkpoint
+from tinyreason import DTYPES, IGNORE, Qwen2, Tokenizer, resolve_checkpoint, resolve_precision
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CE_CHUNK = 1024  # target tokens per lm_head + cross-entropy chunk: (1024, 151936) fp32 logits = 0.6 GB
 log = tqdm.write  # prints above the progress bar
 
@@ -123,17 +122,6 @@ def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-def resolve_precision(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
-    device = default_device() if cfg.device == "auto" else torch.device(cfg.device)
-    if cfg.dtype != "auto":
-        return device, DTYPES[cfg.dtype]
-    if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16  # T4, V100: fp16
-    # CPUs without bf16 instructions (AVX2 only) emulate bf16 matmuls, about 9x slower than fp32 ones.
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return device, torch.bfloat16 if native_bf16 else torch.float32
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:
@@ -290,7 +278,7 @@ def main(argv=None) -> dict:
     start_from = resume_folder(cfg)
     resolve_checkpoint(cfg.model)  # a wrong --model fails here, before data and weights load
     seed_everything(cfg.seed)
-    device, dtype = resolve_precision(cfg)
+    device, dtype = resolve_precision(cfg.device, cfg.dtype)
     log(json.dumps(asdict(cfg), indent=2))
 
     tokenizer = Tokenizer.from_pretrained(cfg.model)

@@ -9,8 +9,11 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# Tiny models gain nothing from more threads, and spinning OpenMP threads crawl when processes share 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
