@@ -31,7 +31,6 @@ class QwenConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
-    max_position_embeddings: int = 32768
 
     @property
     def head_dim(self):
@@ -44,11 +43,9 @@ class QwenConfig:
             raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported, TinyReason implements qwen2")
         if "rope_theta" not in raw and "rope_parameters" in raw:  # transformers >= 5 nests it
             raw["rope_theta"] = raw["rope_parameters"]["rope_theta"]
-        names = [f.name for f in fields(cls)]
-        missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]
-        if missing:
+        if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]:
             raise ValueError(f"{path}: missing {', '.join(missing)}")
-        return cls(**{k: raw[k] for k in names if k in raw})
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 class RMSNorm(nn.Module):
@@ -356,15 +353,12 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     of each row without the stop token. Rows that stop leave the batch, so no work is spent on them."""
     param = model.model.embed_tokens.weight
     stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
-    B, T = len(prompts), max(map(len, prompts))
-    ids = torch.full((B, T), tokenizer.pad_id, dtype=torch.long)
-    pad_mask = torch.zeros(B, T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        pad_mask[i, T - len(p):] = True
-    cache = KVCache(model.config, B, T + max_new_tokens, param.dtype, param.device)
-    x = model.hidden(ids.to(param.device), pad_mask.to(param.device), cache)[:, -1]  # (B, D)
-    rows = list(range(B))  # the prompt index of each live row
+    T = max(map(len, prompts))  # left padding: every prompt ends at column T - 1
+    ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts], device=param.device)
+    pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=param.device)
+    cache = KVCache(model.config, len(prompts), T + max_new_tokens, param.dtype, param.device)
+    x = model.hidden(ids, pad_mask, cache)[:, -1]  # (B, D)
+    rows = list(range(len(prompts)))  # the prompt index of each live row
     out = [[] for _ in prompts]
     for step in range(max_new_tokens):
         token = sample(model.lm_head(x).float(), temperature, top_p)  # (b,)
@@ -374,12 +368,10 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
                 out[r].append(t)
                 if on_token:
                     on_token(r, t)
-        if step == max_new_tokens - 1:
+        if done.all() or step == max_new_tokens - 1:
             break
         if done.any():
             live = (~done).nonzero().squeeze(1)
-            if len(live) == 0:
-                break
             rows = [rows[i] for i in live.tolist()]
             cache.keep(live)
             token = token[live]
