@@ -146,7 +146,9 @@ def measure(name, cfg):
                           stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"bench: worker {name} failed (exit {proc.returncode}), see its output above")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    tok_s, gb = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"bench: {name}: {tok_s:.2f} tokens/s, peak {gb:.2f} GB", flush=True)
+    return tok_s, gb
 
 
 def main():
