@@ -95,8 +95,8 @@ class KVCache:
 
     def keep(self, rows):
         n = len(rows)
-        for t in (self.k, self.v):
-            t[:, :n] = t[:, rows]
+        for t in (self.k, self.v):  # only the slots written so far move
+            t[:, :n, :, :self.len] = t[:, rows, :, :self.len]
         self.mask[:n] = self.mask[rows]
         self.next_pos[:n] = self.next_pos[rows]
         self.batch = n
