@@ -311,8 +311,6 @@ class Tokenizer:
         if None in ids.values():
             raise ValueError(f"tokenizer lacks ChatML special tokens: {[s for s, i in ids.items() if i is None]}")
         self.pad_id, self.im_start_id, self.im_end_id = ids.values()
-        self.eos_id = self.im_end_id  # an assistant turn ends with <|im_end|>
-        self.vocab_size = tok.get_vocab_size()
 
     @classmethod
     def from_pretrained(cls, path_or_repo):
