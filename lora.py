@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quant import dequantize
-from tinyreason import PROJECTIONS, Qwen2, resolve_checkpoint
+from tinyreason import PROJECTIONS, Linear, Qwen2, resolve_checkpoint
 
 TARGETS = PROJECTIONS  # all seven projections of every block
 
@@ -114,12 +114,12 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace each LoRALinear by a plain nn.Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is
+    """Replace each LoRALinear by a plain Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is
     dequantized to its 16-bit dtype first: 4-bit levels cannot hold the sum, so the merged layer is 16-bit."""
     for name, m in lora_modules(model).items():
         w = dequantize(m.base)  # (out, in)
         delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, r) @ (r, in)
-        merged = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
+        merged = Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
         merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
         if m.base.bias is not None:
             merged.bias = nn.Parameter(m.base.bias.detach().to(w.dtype), requires_grad=False)

@@ -1,9 +1,10 @@
 """NF4 (4-bit NormalFloat) storage for the frozen base weights, as in QLoRA (Dettmers et al., 2023).
 
-Each of the 7 projections of every block becomes a `bitsandbytes` `Linear4bit`: the weight is split into
+Each of the 7 projections of every block becomes an `NF4Linear`: with bitsandbytes' kernels, the weight is split into
 blocks of 64 values, each block stores one absmax scale and 64 4-bit indices into the 16 NF4 levels
 (quantiles of a normal distribution, which is how trained weights are spread). Double quantization then
-stores the absmax scales themselves in 8 bits. Matmuls dequantize on the fly to the compute dtype.
+stores the absmax scales themselves in 8 bits. Each matmul dequantizes the weight back to 16 bit, in forward
+and again in backward (`tinyreason.FrozenMatmul`), so only one layer's 16-bit weight exists at a time.
 
     W (out, in) bf16  ->  packed uint8 (out*in/2, 1)  +  absmax (out*in/64,) uint8  +  small fp32 tables
 
@@ -14,34 +15,37 @@ bitsandbytes is imported inside the functions, so code that never quantizes does
 import torch
 from torch import nn
 
+from tinyreason import Linear
 
-def to_nf4(linear: nn.Linear, compute_dtype: torch.dtype, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
-    """A frozen NF4 `Linear4bit` holding `linear`'s weight and bias, quantized on `linear`'s device."""
+
+class NF4Linear(Linear):
+    """A frozen linear whose weight is stored in NF4 and dequantized for each matmul (tinyreason.FrozenMatmul)."""
+
+    def dense_weight(self):
+        import bitsandbytes as bnb
+        return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)  # (out, in)
+
+
+def to_nf4(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
+    """A frozen NF4Linear holding `linear`'s weight and bias, quantized on `linear`'s device; dequantizing gives
+    back `linear`'s dtype."""
     import bitsandbytes as bnb
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type="nf4",
-                          device="meta")
+    q = NF4Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     # Params4bit quantizes when moved to a real device (CPU or CUDA); the 16-bit weight can be freed after.
     q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, blocksize=blocksize,
-                                 compress_statistics=double_quant, quant_type="nf4", module=q).to(linear.weight.device)
+                                 compress_statistics=double_quant, quant_type="nf4").to(linear.weight.device)
     if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
-    # On CPUs with AVX512-BF16, bnb repacks the weight in place on the first eval-mode forward (absmax rounded to
-    # bf16). Keeping the standard layout makes train and eval numerics agree and lets `dequantize` read it.
-    q.support_avx512bf16_for_cpu = False
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return q
 
 
 def is_nf4(module: nn.Module) -> bool:
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+    return isinstance(module, NF4Linear)
 
 
 def dequantize(module: nn.Module) -> torch.Tensor:
     """The (out, in) float weight of an NF4 linear (in the dtype it was quantized from) or of a plain one."""
-    if not is_nf4(module):
-        return module.weight.data
-    import bitsandbytes as bnb
-    return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+    return module.dense_weight() if is_nf4(module) else module.weight.data
 
 
 def _quant_state_bytes(module: nn.Module) -> int:

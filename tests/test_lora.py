@@ -15,7 +15,7 @@ from conftest import ROOT
 
 import lora
 from quant import is_nf4
-from tinyreason import PROJECTIONS, Qwen2, QwenConfig
+from tinyreason import PROJECTIONS, Linear, Qwen2, QwenConfig
 
 
 def load(checkpoint, quantize=None):
@@ -135,7 +135,7 @@ def test_merged_logits_equal_adapter_logits(tiny_checkpoint):
     ids = tokens(model)
     with_adapter = logits(model, ids)
     merged = lora.merge(model)
-    assert not lora.lora_modules(merged) and type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert not lora.lora_modules(merged) and type(merged.model.layers[0].mlp.up_proj) is Linear
     assert not torch.equal(with_adapter, logits(load(tiny_checkpoint), ids))  # the adapter does change the output
     torch.testing.assert_close(logits(merged, ids), with_adapter, atol=1e-5, rtol=1e-5)
 

@@ -6,9 +6,10 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import gsm8k_records, make_checkpoint
 
-from tinyreason import Qwen2, QwenConfig, Tokenizer, generate, sample
+from tinyreason import Linear, Qwen2, QwenConfig, Tokenizer, generate, matmul_t, sample
 
 
 def hf_model(path, dtype=torch.float32):
@@ -76,6 +77,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
         model(ids).logsumexp(-1).mean().backward()
         grads.append(model.model.layers[0].mlp.up_proj.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_frozen_linear_passes_the_input_gradient_and_gives_the_weight_none():
+    torch.manual_seed(0)
+    linear = Linear(64, 48).requires_grad_(False)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    linear(x).square().sum().backward()
+    F.linear(x_ref, linear.weight, linear.bias).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    assert linear.weight.grad is None
+
+
+def test_cpu_fp32_matmul_kernel_equals_f_linear():
+    torch.manual_seed(0)
+    x, w, b = torch.randn(5, 3, 96), torch.randn(80, 96), torch.randn(80)
+    torch.testing.assert_close(matmul_t(x[:, -1], w, b), F.linear(x[:, -1], w, b), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matmul_t(x, w), F.linear(x, w), atol=1e-5, rtol=1e-5)
 
 
 def naive_greedy(model, prompt, n, stop):

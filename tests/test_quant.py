@@ -1,4 +1,4 @@
-"""NF4 storage of the frozen base: what bitsandbytes computes equals our dequantized reference.
+"""NF4 storage of the frozen base: our NF4 linear computes what bitsandbytes' own 4-bit matmul computes.
 
     python -m pytest tests/test_quant.py -q
 """
@@ -19,16 +19,31 @@ def random_linear(d_in=128, d_out=96, bias=True, dtype=torch.float32, device="cp
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nf4_linear_equals_linear_with_dequantized_weight(dtype):
-    q = to_nf4(random_linear(dtype=dtype), dtype)
-    x = torch.randn(3, 5, 128, dtype=dtype)
+def test_nf4_linear_equals_bitsandbytes_matmul_4bit_forward_and_backward(dtype):
+    q = to_nf4(random_linear(dtype=dtype))
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = q(x), bnb.matmul_4bit(x_ref, q.weight.t(), q.weight.quant_state, bias=q.bias)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(q(x), F.linear(x, dequantize(q), q.bias), **tol)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+
+
+def test_nf4_linear_keeps_no_tensor_for_backward():
+    """The dequantized weight is rebuilt in backward, not saved: QLoRA's memory saving."""
+    q = to_nf4(random_linear())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q(torch.randn(4, 128, requires_grad=True)).sum().backward()
+    assert saved == []
 
 
 def test_nf4_weight_is_packed_two_values_per_byte_with_8bit_scales():
     linear = random_linear()
-    q = to_nf4(linear, torch.float32)
+    q = to_nf4(linear)
     assert q.weight.dtype == torch.uint8 and q.weight.numel() == linear.weight.numel() // 2
     state = q.weight.quant_state
     assert state.quant_type == "nf4" and state.blocksize == 64
@@ -38,7 +53,7 @@ def test_nf4_weight_is_packed_two_values_per_byte_with_8bit_scales():
 
 def test_dequantized_weight_is_within_half_an_nf4_step_of_the_original():
     linear = random_linear()
-    q = to_nf4(linear, torch.float32, double_quant=False)  # exact fp32 block scales: the bound is tight
+    q = to_nf4(linear, double_quant=False)  # exact fp32 block scales: the bound is tight
     w, w_hat = linear.weight.detach().reshape(-1, 64), dequantize(q).reshape(-1, 64)  # (blocks, 64)
     levels = bnb.functional.get_4bit_type("nf4", device="cpu")  # 16 values in [-1, 1]
     half_step = (levels[1:] - levels[:-1]).max() / 2
@@ -48,7 +63,7 @@ def test_dequantized_weight_is_within_half_an_nf4_step_of_the_original():
 
 
 def test_nf4_without_bias_stays_without_bias():
-    q = to_nf4(random_linear(bias=False), torch.float32)
+    q = to_nf4(random_linear(bias=False))
     assert q.bias is None
     x = torch.randn(2, 128)
     torch.testing.assert_close(q(x), F.linear(x, dequantize(q)), atol=1e-5, rtol=1e-5)
@@ -94,7 +109,7 @@ def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nf4_on_cuda_quantizes_on_the_gpu_and_matches_the_reference():
-    q = to_nf4(random_linear(dtype=torch.bfloat16, device="cuda"), torch.bfloat16)
+    q = to_nf4(random_linear(dtype=torch.bfloat16, device="cuda"))
     assert q.weight.device.type == "cuda" and q.weight.dtype == torch.uint8
     x = torch.randn(4, 128, dtype=torch.bfloat16, device="cuda")
     torch.testing.assert_close(q(x), F.linear(x, dequantize(q), q.bias), atol=2e-2, rtol=2e-2)
