@@ -1,10 +1,11 @@
 """Benchmark TinyReason against its peers, transformers + PEFT + bitsandbytes, on one machine in one run.
 
-    python bench.py --model /path/to/qwen2-folder --steps 3 --batch_size 2 --seq_len 256 --gen_batch 16 --gen_tokens 64
+    python bench.py --model /path/to/qwen2-folder --data ../shared/gsm8k/train.jsonl
 
 Both sides get the same checkpoint, the same GSM8K sequences and the same recipe: QLoRA training (NF4 base with
 double quantization, r=16 on all seven projections, the same compute dtype, AdamW) and batched greedy generation from the
-16-bit model. Every measurement runs in a fresh subprocess, so each peak memory figure belongs to one side alone.
+16-bit model, until each row's <|im_end|> or gen_tokens. Each side runs in its own process, so each peak memory figure
+is one side's alone, and the two take turns step by step, so a machine that slows down for a while slows both.
 """
 import argparse
 import json
@@ -22,11 +23,12 @@ from tinyreason import resolve_precision
 class BenchConfig:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"
     data: str = "openai/gsm8k"  # or a local .jsonl such as ../shared/gsm8k/train.jsonl
-    steps: int = 3  # timed training steps, after one untimed warm-up step
+    steps: int = 3  # timed training steps per side, after one untimed warm-up step
     batch_size: int = 2
     seq_len: int = 256  # every training sequence is cut to this many tokens
     gen_batch: int = 16
-    gen_tokens: int = 64
+    gen_tokens: int = 256  # at most, per prompt: GSM8K answers end between about 100 and 300 tokens
+    rounds: int = 2  # timed generations per side, after one untimed warm-up
     no_peer: bool = False
     device: str = "auto"
     dtype: str = "auto"  # compute dtype of both sides; auto: bf16 where the hardware has it, else fp32/fp16
@@ -52,18 +54,6 @@ def gen_prompts(cfg, tokenizer):
     return [tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records]
 
 
-def timed_steps(step, batches, device):
-    """Run one warm-up step, then time the rest; returns (tokens per second, peak GB)."""
-    step(batches[0])
-    start, tokens = time.perf_counter(), 0
-    for batch in batches[1:]:
-        step(batch)
-        tokens += int(batch["attention_mask"].sum())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return tokens / (time.perf_counter() - start), peak_gb(device)
-
-
 def train_ours(cfg, device, dtype):
     import lora
     from tinyreason import Qwen2, Tokenizer
@@ -71,14 +61,17 @@ def train_ours(cfg, device, dtype):
     model = lora.inject(Qwen2.from_pretrained(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    def step(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
+
+    def step(i):
+        batch = {k: v.to(device) for k, v in batches[i].items()}
         with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             loss, n = compute_loss(model, batch)
         (loss / n).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed_steps(step, training_batches(cfg, Tokenizer.from_pretrained(cfg.model)), device)
+        return int(batch["attention_mask"].sum())
+    return step
 
 
 def train_peer(cfg, device, dtype):
@@ -92,30 +85,24 @@ def train_peer(cfg, device, dtype):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
 
-    def step(batch):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
+
+    def step(i):
+        batch = {k: v.to(device) for k, v in batches[i].items()}
         with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
             loss = model(**batch).loss  # mean over target tokens, full-vocabulary logits
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return timed_steps(step, training_batches(cfg, Tokenizer.from_pretrained(cfg.model)), device)
-
-
-def timed_generation(run, device):
-    run(2)  # warm-up
-    start = time.perf_counter()
-    new_tokens = run(None)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return new_tokens / (time.perf_counter() - start), peak_gb(device)
+        return int(batch["attention_mask"].sum())
+    return step
 
 
 def gen_ours(cfg, device, dtype):
     from tinyreason import Qwen2, Tokenizer, generate
     model, tok = Qwen2.from_pretrained(cfg.model, dtype, device), Tokenizer.from_pretrained(cfg.model)
     prompts = gen_prompts(cfg, tok)
-    return timed_generation(lambda n: sum(map(len, generate(model, tok, prompts, n or cfg.gen_tokens))), device)
+    return lambda i: sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))
 
 
 def gen_peer(cfg, device, dtype):
@@ -129,26 +116,52 @@ def gen_peer(cfg, device, dtype):
     mask = (ids != tok.pad_id).long()
     stop = (tok.im_end_id, tok.pad_id)
 
-    def run(n):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=n or cfg.gen_tokens, do_sample=False,
+    @torch.inference_mode()
+    def run(i):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
                              eos_token_id=list(stop), pad_token_id=tok.pad_id)[:, T:].tolist()
-        return sum(next((i for i, t in enumerate(row) if t in stop), len(row)) for row in out)  # up to each row's stop
-    with torch.inference_mode():
-        return timed_generation(run, device)
+        return sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)  # up to each row's stop
+    return run
 
 
 WORKERS = {"train_ours": train_ours, "train_peer": train_peer, "gen_ours": gen_ours, "gen_peer": gen_peer}
 
 
-def measure(name, cfg):
-    """Run one worker in a fresh Python process; returns (tokens/s, peak GB)."""
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--cfg", json.dumps(asdict(cfg))],
-                          stdout=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: worker {name} failed (exit {proc.returncode}), see its output above")
-    tok_s, gb = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"bench: {name}: {tok_s:.2f} tokens/s, peak {gb:.2f} GB", flush=True)
-    return tok_s, gb
+def serve(name, cfg):
+    """Worker process: set up one side, then run each item number read from stdin and answer
+    [tokens, seconds, peak GB] on stdout (everything else the libraries print goes to stderr)."""
+    reply, sys.stdout = sys.stdout, sys.stderr
+    device, dtype = resolve_precision(cfg.device, cfg.dtype)
+    run = WORKERS[name](cfg, device, dtype)
+    for line in sys.stdin:
+        start = time.perf_counter()
+        tokens = run(int(line))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        print(json.dumps([tokens, time.perf_counter() - start, peak_gb(device)]), file=reply, flush=True)
+
+
+def lockstep(names, cfg, n_items):
+    """Start one worker process per side (so each peak memory figure is one side's alone), then run item i on
+    each side in turn: a slow spell of a shared machine hits both alike. Item 0 warms up and is not counted.
+    Returns {name: (tokens per second, peak GB)}."""
+    cmd = [sys.executable, __file__, "--cfg", json.dumps(asdict(cfg)), "--worker"]
+    procs = {name: subprocess.Popen(cmd + [name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for name in names}
+    totals = {name: [0, 0.0, 0.0] for name in names}
+    for i in range(n_items):
+        for name, proc in procs.items():
+            proc.stdin.write(f"{i}\n")
+            proc.stdin.flush()
+            if not (line := proc.stdout.readline()):
+                raise SystemExit(f"bench: worker {name} failed (exit {proc.wait()}), see its output above")
+            tokens, seconds, gb = json.loads(line)
+            print(f"bench: {name} {'warm-up' if i == 0 else f'run {i}'}: {tokens} tokens in {seconds:.1f} s", flush=True)
+            totals[name] = [totals[name][0] + tokens * (i > 0), totals[name][1] + seconds * (i > 0), gb]
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
+    return {name: (tokens / seconds, gb) for name, (tokens, seconds, gb) in totals.items()}
 
 
 def main():
@@ -163,13 +176,13 @@ def main():
     args = vars(p.parse_args())
     worker, cfg_json = args.pop("worker"), args.pop("cfg")
     if worker:
-        cfg = BenchConfig(**json.loads(cfg_json))
-        print(json.dumps(WORKERS[worker](cfg, *resolve_precision(cfg.device, cfg.dtype))))
-        return
+        return serve(worker, BenchConfig(**json.loads(cfg_json)))
     cfg = BenchConfig(**args)
     print(f"bench: {cfg} -> {resolve_precision(cfg.device, cfg.dtype)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    r = {name: measure(name, cfg) for name in WORKERS if not (cfg.no_peer and name.endswith("peer"))}
+    sides = ("ours",) if cfg.no_peer else ("ours", "peer")
+    r = {**lockstep([f"train_{s}" for s in sides], cfg, cfg.steps + 1),
+         **lockstep([f"gen_{s}" for s in sides], cfg, cfg.rounds + 1)}
     nan = (float("nan"), float("nan"))
     (tr, tr_gb), (ptr, ptr_gb) = r["train_ours"], r.get("train_peer", nan)
     (gen, gen_gb), (pgen, pgen_gb) = r["gen_ours"], r.get("gen_peer", nan)

@@ -148,11 +148,14 @@ class Attention(nn.Module):
         self.v_proj = Linear(c.hidden_size, self.n_kv * self.hd, bias=True)
         self.o_proj = Linear(self.n_head * self.hd, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache, layer):
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+    def forward(self, x, cos, sin, mask, cache, layer, real=None):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, ·), or (N, ·): the real tokens only
+        if real is not None:
+            q, k, v = unpad(q, real), unpad(k, real), unpad(v, real)
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_kv, S, hd)
@@ -160,7 +163,13 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask).view_as(q)
         else:  # enable_gqa: each group of query heads reads its shared kv head without a copy
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.hd)
+        return self.o_proj(y if real is None else y[real])
+
+
+def unpad(x, real):
+    """(N, C) values of the real tokens -> (B, T, C), zero at the padding; `real` is the (B, T) boolean mask."""
+    return x.new_zeros(*real.shape, x.shape[-1]).index_put((real,), x)
 
 
 class MLP(nn.Module):
@@ -182,8 +191,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, real=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, real)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -218,14 +227,17 @@ class Qwen2(nn.Module):
         """Final-normed hidden states (B, T, D). With a cache, input_ids continue what it holds."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
+        mask, real = None, None
         if attention_mask is None and cache is None:
-            mask, positions = None, torch.arange(T, device=x.device).expand(B, T)
+            positions = torch.arange(T, device=x.device).expand(B, T)
         else:
             new = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             # Left padding: a row's positions count its real tokens only, so every row starts at 0.
             positions = (new.cumsum(-1) - 1).clamp(min=0)
             if cache is None:
                 mask = causal_pad_mask(new, T, 0)
+                # A padded batch (training, validation): all but attention run on the real tokens only, (N, D).
+                real, x = new, x[new]
             else:
                 positions = positions + cache.next_pos[:B, None]
                 cache.mask[:B, cache.len:cache.len + T] = new
@@ -234,12 +246,13 @@ class Qwen2(nn.Module):
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, i, real, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache, i)
+                x = layer(x, cos, sin, mask, cache, i, real)
         if cache is not None:
             cache.len += T
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        return x if real is None else unpad(x, real)
 
     def forward(self, input_ids, attention_mask=None):
         return self.lm_head(self.hidden(input_ids, attention_mask))  # (B, T, vocab)
