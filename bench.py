@@ -23,12 +23,12 @@ from tinyreason import resolve_precision
 class BenchConfig:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"
     data: str = "openai/gsm8k"  # or a local .jsonl such as ../shared/gsm8k/train.jsonl
-    steps: int = 3  # timed training steps per side, after one untimed warm-up step
+    steps: int = 3  # timed training steps per side, after one untimed warm-up step (0: no training)
     batch_size: int = 2
     seq_len: int = 256  # every training sequence is cut to this many tokens
     gen_batch: int = 16
     gen_tokens: int = 256  # at most, per prompt: GSM8K answers end between about 100 and 300 tokens
-    rounds: int = 2  # timed generations per side, after one untimed warm-up
+    rounds: int = 2  # timed generations per side, after one untimed warm-up (0: no generation)
     no_peer: bool = False
     device: str = "auto"
     dtype: str = "auto"  # compute dtype of both sides; auto: bf16 where the hardware has it, else fp32/fp16
@@ -181,11 +181,11 @@ def main():
     print(f"bench: {cfg} -> {resolve_precision(cfg.device, cfg.dtype)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     sides = ("ours",) if cfg.no_peer else ("ours", "peer")
-    r = {**lockstep([f"train_{s}" for s in sides], cfg, cfg.steps + 1),
-         **lockstep([f"gen_{s}" for s in sides], cfg, cfg.rounds + 1)}
+    r = {**(lockstep([f"train_{s}" for s in sides], cfg, cfg.steps + 1) if cfg.steps else {}),
+         **(lockstep([f"gen_{s}" for s in sides], cfg, cfg.rounds + 1) if cfg.rounds else {})}
     nan = (float("nan"), float("nan"))
-    (tr, tr_gb), (ptr, ptr_gb) = r["train_ours"], r.get("train_peer", nan)
-    (gen, gen_gb), (pgen, pgen_gb) = r["gen_ours"], r.get("gen_peer", nan)
+    (tr, tr_gb), (ptr, ptr_gb) = r.get("train_ours", nan), r.get("train_peer", nan)
+    (gen, gen_gb), (pgen, pgen_gb) = r.get("gen_ours", nan), r.get("gen_peer", nan)
     print(f"\n| {'measure':34} | {'TinyReason':>10} | {'peer':>10} | {'ratio':>6} |")
     print(f"| {'-' * 34} | {'-' * 10}:| {'-' * 10}:| {'-' * 6}:|")
     for label, ours, peer in [("QLoRA train tokens/s", tr, ptr), ("QLoRA train peak memory (GB)", tr_gb, ptr_gb),

@@ -35,7 +35,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):  # x: (..., in)
         y = self.base(x)  # (..., out)
         h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)
+        # y + scaling * h B^T as one addmm: no (..., out) temporaries, forward or backward.
+        B = self.lora_B.weight.t().to(y.dtype)  # (r, out)
+        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2).to(y.dtype), B, alpha=self.scaling).view_as(y)
 
 
 def inject(model: nn.Module, targets=TARGETS, r=16, alpha=32, dropout=0.0) -> nn.Module:
