@@ -54,48 +54,46 @@ def gen_prompts(cfg, tokenizer):
     return [tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records]
 
 
-def train_ours(cfg, device, dtype):
-    import lora
-    from tinyreason import Qwen2, Tokenizer
-    from train import compute_loss
-    model = lora.inject(Qwen2.from_pretrained(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
+def adamw_steps(model, loss_of, cfg, device, dtype):
+    """A function that runs one AdamW step on training batch i and returns its real tokens; the two sides differ
+    only in `loss_of(batch)`, the mean loss over the batch's target tokens."""
+    from tinyreason import Tokenizer
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-
     batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
 
     def step(i):
         batch = {k: v.to(device) for k, v in batches[i].items()}
         with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-            loss, n = compute_loss(model, batch)
-        (loss / n).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
-    return step
-
-
-def train_peer(cfg, device, dtype):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from tinyreason import PROJECTIONS, Tokenizer, resolve_checkpoint
-    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=dtype)
-    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
-                                                 dtype=dtype, device_map=str(device))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-
-    batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
-
-    def step(i):
-        batch = {k: v.to(device) for k, v in batches[i].items()}
-        with torch.autocast(device.type, dtype, enabled=dtype != torch.float32):
-            loss = model(**batch).loss  # mean over target tokens, full-vocabulary logits
+            loss = loss_of(batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return int(batch["attention_mask"].sum())
     return step
+
+
+def train_ours(cfg, device, dtype):
+    import lora
+    from tinyreason import Qwen2
+    from train import compute_loss
+    model = lora.inject(Qwen2.from_pretrained(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
+
+    def loss_of(batch):
+        loss_sum, n = compute_loss(model, batch)
+        return loss_sum / n
+    return adamw_steps(model, loss_of, cfg, device, dtype)
+
+
+def train_peer(cfg, device, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from tinyreason import PROJECTIONS, resolve_checkpoint
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
+                                                 dtype=dtype, device_map=str(device))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    return adamw_steps(model, lambda batch: model(**batch).loss, cfg, device, dtype)  # full-vocabulary logits
 
 
 def gen_ours(cfg, device, dtype):
@@ -107,18 +105,16 @@ def gen_ours(cfg, device, dtype):
 
 def gen_peer(cfg, device, dtype):
     from transformers import AutoModelForCausalLM
-    from tinyreason import Tokenizer, resolve_checkpoint
+    from tinyreason import Tokenizer, left_pad, resolve_checkpoint
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
     tok = Tokenizer.from_pretrained(cfg.model)
-    prompts = gen_prompts(cfg, tok)
-    T = max(map(len, prompts))
-    ids = torch.tensor([[tok.pad_id] * (T - len(p)) + p for p in prompts], device=device)
-    mask = (ids != tok.pad_id).long()
+    ids, mask = left_pad(gen_prompts(cfg, tok), tok.pad_id, device)
+    T = ids.shape[1]
     stop = (tok.im_end_id, tok.pad_id)
 
     @torch.inference_mode()
     def run(i):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
+        out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
                              eos_token_id=list(stop), pad_token_id=tok.pad_id)[:, T:].tolist()
         return sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)  # up to each row's stop
     return run

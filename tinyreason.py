@@ -396,16 +396,23 @@ def sample(logits, temperature, top_p):
     return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
 
 
+def left_pad(prompts, pad_id, device=None):
+    """Token-id lists -> ids (B, T) padded on the left, so every prompt ends at column T - 1, and the boolean
+    (B, T) mask of real tokens."""
+    T = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None):
     """Continue each prompt (a list of token ids) until a stop token or max_new_tokens; returns the new ids
     of each row without the stop token. Rows that stop leave the batch, so no work is spent on them."""
     param = model.model.embed_tokens.weight
     stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
-    T = max(map(len, prompts))  # left padding: every prompt ends at column T - 1
-    ids = torch.tensor([[tokenizer.pad_id] * (T - len(p)) + p for p in prompts], device=param.device)
-    pad_mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=param.device)
-    cache = KVCache(model.config, len(prompts), T + max_new_tokens, param.dtype, param.device)
+    ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
+    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, param.dtype, param.device)
     x = model.hidden(ids, pad_mask, cache)[:, -1]  # (B, D)
     rows = list(range(len(prompts)))  # the prompt index of each live row
     out = [[] for _ in prompts]

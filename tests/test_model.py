@@ -9,19 +9,12 @@ import torch
 import torch.nn.functional as F
 from conftest import gsm8k_records, make_checkpoint
 
-from tinyreason import Linear, Qwen2, QwenConfig, Tokenizer, generate, matmul_t, sample
+from tinyreason import Linear, Qwen2, QwenConfig, Tokenizer, generate, left_pad, matmul_t, sample
 
 
 def hf_model(path, dtype=torch.float32):
     from transformers import Qwen2ForCausalLM
     return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def left_pad(prompts, pad_id):
-    T = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
 
 
 def questions(tok, n=4):
@@ -53,7 +46,7 @@ def test_left_padded_logits_match_transformers(tiny, tiny_checkpoint):
     model, tok = tiny
     ids, mask = left_pad(questions(tok, 3), tok.pad_id)
     with torch.no_grad():
-        diff = model(ids, mask) - hf_model(tiny_checkpoint)(ids, attention_mask=mask).logits
+        diff = model(ids, mask) - hf_model(tiny_checkpoint)(ids, attention_mask=mask.long()).logits
     assert diff[mask.bool()].abs().max() < 1e-4
 
 
@@ -131,7 +124,7 @@ def test_greedy_matches_transformers_generate(tiny, tiny_checkpoint):
     model, tok = tiny
     prompts = questions(tok, 3)
     ids, mask = left_pad(prompts, tok.pad_id)
-    out = hf_model(tiny_checkpoint).generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+    out = hf_model(tiny_checkpoint).generate(ids, attention_mask=mask.long(), max_new_tokens=16, do_sample=False,
                                              eos_token_id=[tok.im_end_id, tok.pad_id], pad_token_id=tok.pad_id)
     ref = [[t for t in row[ids.shape[1]:].tolist()] for row in out]
     ref = [r[:next((i for i, t in enumerate(r) if t in (tok.im_end_id, tok.pad_id)), len(r))] for r in ref]
