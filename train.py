@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -132,8 +131,27 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * (cfg.max_steps - step) / (cfg.max_steps - cfg.warmup_steps)
 
 
+class SummedCrossEntropy(torch.autograd.Function):
+    """sum_i (logsumexp(z_i) - z_i[y_i]) over fp32 logits z (N, V). Its gradient, softmax(z) - onehot(y), is
+    written over z itself: one (N, V) block in all, where F.cross_entropy also keeps the log-probabilities and
+    makes two gradient blocks, each a full pass over the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        lse = torch.logsumexp(z, dim=-1)  # (N,)
+        ctx.save_for_backward(z, y, lse)
+        return (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, y, lse = ctx.saved_tensors  # z is ours alone: lm_head's output, which nothing else keeps
+        p = z.sub_(lse[:, None]).exp_()  # softmax(z), in place
+        p[torch.arange(len(y), device=y.device), y] -= 1
+        return p.mul_(grad), None
+
+
 def _chunk_loss(lm_head, h, y):
-    return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
+    return SummedCrossEntropy.apply(lm_head(h).float(), y)
 
 
 def compute_loss(model, batch) -> tuple[torch.Tensor, int]:

@@ -70,6 +70,18 @@ def test_schedule_warms_up_then_decays_linearly_to_zero():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_summed_cross_entropy_and_its_gradient_equal_torch_cross_entropy():
+    torch.manual_seed(0)
+    z = torch.randn(5, 11, requires_grad=True)
+    y = torch.tensor([0, 3, 10, 3, 7])
+    ours = train.SummedCrossEntropy.apply(z.clone(), y)  # a copy: backward writes the gradient over its input
+    (g,) = torch.autograd.grad(3.0 * ours, z)  # a scaled loss, as with fp16's grad scaler
+    expected = F.cross_entropy(z, y, reduction="sum")
+    (g_expected,) = torch.autograd.grad(3.0 * expected, z)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(g, g_expected)
+
+
 @pytest.mark.parametrize("chunk", [7, 4096])  # several chunks (recomputed in backward, last one partial), one chunk
 def test_loss_and_gradients_on_target_positions_equal_full_logits_cross_entropy(tiny_checkpoint, examples,
                                                                                 monkeypatch, chunk):
