@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gsm8k_records, make_checkpoint
+from conftest import gsm8k_records
 
 import tinyreason
 from tinyreason import Linear, Qwen2, QwenConfig, Tokenizer, generate, left_pad, matmul_t, sample
@@ -188,7 +188,6 @@ def test_decode_inverts_encode_for_non_ascii(tiny):
 
 
 def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
-    from transformers import Qwen2ForCausalLM
     hf_model(tiny_checkpoint).save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     ours = Qwen2.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
