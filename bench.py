@@ -1,6 +1,6 @@
 """Benchmark TinyReason against its peers, transformers + PEFT + bitsandbytes, on one machine in one run.
 
-    python bench.py --model /path/to/qwen2-folder --data ../shared/gsm8k/train.jsonl
+    python bench.py --model /path/to/qwen2-folder --data path/to/gsm8k/train.jsonl
 
 Both sides get the same checkpoint, the same GSM8K sequences and the same recipe: QLoRA training (NF4 base with
 double quantization, r=16 on all seven projections, the same compute dtype, AdamW) and batched greedy generation from the
@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tinyreason import resolve_precision
+from load import resolve_precision
+from loop import peak_memory_gb
 
 
 @dataclass
 class BenchConfig:
     model: str = "Qwen/Qwen2.5-1.5B-Instruct"
-    data: str = "openai/gsm8k"  # or a local .jsonl such as ../shared/gsm8k/train.jsonl
+    data: str = "openai/gsm8k"  # or a local .jsonl with question/answer records
     steps: int = 3  # timed training steps per side, after one untimed warm-up step (0: no training)
     batch_size: int = 2
     seq_len: int = 256  # every training sequence is cut to this many tokens
@@ -32,13 +33,6 @@ class BenchConfig:
     no_peer: bool = False
     device: str = "auto"
     dtype: str = "auto"  # compute dtype of both sides; auto: bf16 where the hardware has it, else fp32/fp16
-
-
-def peak_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    status = open("/proc/self/status").read()  # VmHWM: the process's peak resident memory
-    return int(status.split("VmHWM:")[1].split()[0]) / 1e6
 
 
 def training_batches(cfg, tokenizer):
@@ -57,7 +51,7 @@ def gen_prompts(cfg, tokenizer):
 def adamw_steps(model, loss_of, cfg, device, dtype):
     """A function that runs one AdamW step on training batch i and returns its real tokens; the two sides differ
     only in `loss_of(batch)`, the mean loss over the batch's target tokens."""
-    from tinyreason import Tokenizer
+    from tokenizer import Tokenizer
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
     batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
 
@@ -74,9 +68,9 @@ def adamw_steps(model, loss_of, cfg, device, dtype):
 
 def train_ours(cfg, device, dtype):
     import lora
-    from tinyreason import Qwen2
+    from load import load_base
     from train import compute_loss
-    model = lora.inject(Qwen2.from_pretrained(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
+    model = lora.inject(load_base(cfg.model, dtype, device, quantize="nf4"), r=16, alpha=32).train()
 
     def loss_of(batch):
         loss_sum, n = compute_loss(model, batch)
@@ -97,15 +91,19 @@ def train_peer(cfg, device, dtype):
 
 
 def gen_ours(cfg, device, dtype):
-    from tinyreason import Qwen2, Tokenizer, generate
-    model, tok = Qwen2.from_pretrained(cfg.model, dtype, device), Tokenizer.from_pretrained(cfg.model)
+    from generate import generate
+    from load import load_base
+    from tokenizer import Tokenizer
+    model, tok = load_base(cfg.model, dtype, device, quantize="none"), Tokenizer.from_pretrained(cfg.model)
     prompts = gen_prompts(cfg, tok)
     return lambda i: sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))
 
 
 def gen_peer(cfg, device, dtype):
     from transformers import AutoModelForCausalLM
-    from tinyreason import Tokenizer, left_pad, resolve_checkpoint
+    from generate import left_pad
+    from tinyreason import resolve_checkpoint
+    from tokenizer import Tokenizer
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
     tok = Tokenizer.from_pretrained(cfg.model)
     ids, mask = left_pad(gen_prompts(cfg, tok), tok.pad_id, device)
@@ -134,7 +132,7 @@ def serve(name, cfg):
         tokens = run(int(line))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(json.dumps([tokens, time.perf_counter() - start, peak_gb(device)]), file=reply, flush=True)
+        print(json.dumps([tokens, time.perf_counter() - start, peak_memory_gb(device)]), file=reply, flush=True)
 
 
 def lockstep(names, cfg, n_items):

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from tinyreason import IGNORE
-
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step-by-step."
+BOXED_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's prompt
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 ANNOTATION = re.compile(r"<<.*?>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
@@ -42,7 +42,7 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         except Exception as e:  # offline, unknown repo, missing split: all end the same way for the user
             raise RuntimeError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {e}\n"
                                "pass --data PATH to a local .jsonl/.json/.parquet file with question/answer fields "
-                               "(GSM8K's train split is at ../shared/gsm8k/train.jsonl)") from e
+                               "(GSM8K's train.jsonl from github.com/openai/grade-school-math, for one)") from e
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
@@ -95,6 +95,14 @@ def gold_answer(record: dict) -> str | None:
 
 def prompt_messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str = SYSTEM_PROMPT) -> list[int]:
+    """The prompt of a prompt style: `tinyreason` is exactly the training prompt; `boxed` is Qwen's math prompt
+    with no system turn (the template adds Qwen's default one, as in Qwen's own math evals)."""
+    if style == "boxed":
+        return tokenizer.apply_chat([{"role": "user", "content": question + BOXED_SUFFIX}])
+    return tokenizer.apply_chat(prompt_messages(question, system))
 
 
 def prepare_splits(records: list[dict], num_samples: int, validation_split: float, seed: int):

@@ -8,14 +8,14 @@ and again in backward (`tinyreason.FrozenMatmul`), so only one layer's 16-bit we
 
     W (out, in) bf16  ->  packed uint8 (out*in/2, 1)  +  absmax (out*in/64,) uint8  +  small fp32 tables
 
-Embeddings, norms and lm_head stay 16-bit. `tinyreason.Qwen2.from_pretrained(..., quantize="nf4")` calls
-`to_nf4` on each projection as it is loaded, so the whole model never sits in memory in 16 bit.
+Embeddings, norms and lm_head stay 16-bit. `load.load_base(..., quantize="nf4")` runs
+`quantize_block` on each block as soon as it is loaded, so the whole model never sits in memory in 16 bit.
 bitsandbytes is imported inside the functions, so code that never quantizes does not need it.
 """
 import torch
 from torch import nn
 
-from tinyreason import Linear
+from tinyreason import PROJECTIONS, Linear
 
 
 class NF4Linear(Linear):
@@ -37,6 +37,14 @@ def to_nf4(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) ->
     if linear.bias is not None:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return q
+
+
+def quantize_block(block: nn.Module):
+    """Each of the block's seven projections, in place, as an NF4Linear."""
+    for parent in (block.self_attn, block.mlp):
+        for name, child in list(parent.named_children()):
+            if name in PROJECTIONS:
+                setattr(parent, name, to_nf4(child))
 
 
 def is_nf4(module: nn.Module) -> bool:

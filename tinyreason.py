@@ -1,13 +1,12 @@
-"""TinyReason core: a hand-written Qwen2 decoder, its loader, tokenizer, chat format and generation.
+"""The model: a hand-written Qwen2 decoder, its per-token log-probabilities, and checkpoint loading.
 
 Qwen2 in one breath: token embedding -> N x [RMSNorm -> grouped-query attention (q/k/v with bias, o without,
 rotary positions with theta from the config) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
 lm_head (tied to the embedding in some checkpoints, separate in others). Module names are the Hugging Face
-checkpoint names, so loading is a plain name match.
+checkpoint names, so loading is a plain name match. The tokenizer and chat format are in tokenizer.py, batched
+generation in generate.py, NF4 storage in quant.py.
 """
 import json
-import sys
-import warnings
 from dataclasses import MISSING, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -17,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOGPROB_CHUNK = 1024  # positions per lm_head chunk: (1024, 151936) fp32 logits = 0.6 GB
 
 
 @dataclass
@@ -46,6 +45,15 @@ class QwenConfig:
             raw["rope_theta"] = raw["rope_parameters"]["rope_theta"]
         if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]:
             raise ValueError(f"{path}: missing {', '.join(missing)}")
+        # Settings this decoder does not implement: refuse them rather than compute another model quietly.
+        rope_type = (raw.get("rope_scaling") or raw.get("rope_parameters") or {}).get("rope_type", "default")
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+        unsupported = ([f"rope scaling {rope_type!r}"] if rope_type != "default" else []) + \
+            (["use_sliding_window: true"] if raw.get("use_sliding_window") else []) + \
+            ([f"head_dim {head_dim} != hidden_size / num_attention_heads"]
+             if head_dim * raw["num_attention_heads"] != raw["hidden_size"] else [])
+        if unsupported:
+            raise ValueError(f"{path}: {'; '.join(unsupported)} is not supported by TinyReason's Qwen2")
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
@@ -260,14 +268,11 @@ class Qwen2(nn.Module):
         return self.lm_head(self.hidden(input_ids, attention_mask))  # (B, T, vocab)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo, dtype=torch.bfloat16, device=None, quantize=None):
-        """Load a Hugging Face Qwen2 checkpoint tensor by tensor, so peak memory stays near the final model size;
-        with quantize="nf4" each block's projections become 4-bit as soon as the block is loaded."""
-        if quantize not in (None, "none", "nf4"):
-            raise ValueError(f"quantize={quantize!r}: expected 'nf4' or None")
+    def from_pretrained(cls, path_or_repo, dtype=torch.bfloat16, device="cpu", on_block=None):
+        """Load a Hugging Face Qwen2 checkpoint tensor by tensor, so peak memory stays near the final model size.
+        `on_block(block)` runs as soon as each block is loaded (quant.quantize_block makes it 4-bit there)."""
         folder = resolve_checkpoint(path_or_repo)
         config = QwenConfig.from_json(folder / "config.json")
-        device, _ = resolve_precision(device)
         with torch.device("meta"):
             model = cls(config)
         tensors = checkpoint_tensors(folder)
@@ -287,22 +292,47 @@ class Qwen2(nn.Module):
                                  f"config.json implies {tuple(getattr(module, leaf).shape)}")
             # copy=True: a tensor of the memory-mapped file would keep its pages resident after quantization
             setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False))
-            if quantize == "nf4" and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
-                quantize_block(model.get_submodule(module_name.rsplit(".", 2)[0]))
+            if on_block and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
+                on_block(model.get_submodule(module_name.rsplit(".", 2)[0]))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
-        from quant import footprint_gb
-        print(f"loaded {folder}: {footprint_gb(model):.2f} GB of weights ({quantize or 'no'} quantization, {dtype})",
-              file=sys.stderr)  # stdout stays for the scripts' answers
         return model.eval()
 
 
-def quantize_block(block):
-    from quant import to_nf4
-    for parent in (block.self_attn, block.mlp):
-        for name, child in list(parent.named_children()):
-            if name in PROJECTIONS:
-                setattr(parent, name, to_nf4(child))
+class TokenLogProb(torch.autograd.Function):
+    """log softmax(z)[y] per row of fp32 logits z (N, V). The gradient, (onehot(y) - softmax(z)) * g, is written over
+    z itself: one (N, V) block in all, where log_softmax + gather keep the log-probabilities as well and backward
+    makes two more blocks, each a full pass over the vocabulary."""
+
+    @staticmethod
+    def forward(ctx, z, y):
+        lse = torch.logsumexp(z, dim=-1)  # (N,)
+        ctx.save_for_backward(z, y, lse)
+        return z.gather(1, y[:, None]).squeeze(1) - lse
+
+    @staticmethod
+    def backward(ctx, g):  # g: (N,)
+        z, y, lse = ctx.saved_tensors  # z is ours alone: lm_head's output, which nothing else keeps
+        p = z.sub_(lse[:, None]).exp_()  # softmax(z), in place
+        p[torch.arange(len(y), device=y.device), y] -= 1
+        return p.mul_(-g[:, None]), None
+
+
+def _chunk_logprobs(lm_head, h, y, temperature):
+    z = lm_head(h).float()
+    return TokenLogProb.apply(z if temperature == 1 else z / temperature, y)
+
+
+def token_logprobs(model, hidden, targets, temperature=1.0):
+    """log softmax(lm_head(h) / T)[y] for hidden states (N, D) and their next tokens (N,): the one lm_head path of
+    the SFT loss (T = 1) and of RL. lm_head runs only on the rows asked for, in chunks of LOGPROB_CHUNK; with
+    several chunks each one's logits are recomputed in backward rather than kept, so at most one
+    (LOGPROB_CHUNK, vocab) fp32 block exists at a time. A single chunk is kept: it peaks no higher."""
+    chunks = list(zip(hidden.split(LOGPROB_CHUNK), targets.split(LOGPROB_CHUNK))) or [(hidden, targets)]
+    if len(chunks) > 1 and torch.is_grad_enabled():
+        return torch.cat([checkpoint(_chunk_logprobs, model.lm_head, h, y, temperature, use_reentrant=False)
+                          for h, y in chunks])
+    return torch.cat([_chunk_logprobs(model.lm_head, h, y, temperature) for h, y in chunks])
 
 
 def checkpoint_tensors(folder):
@@ -335,108 +365,3 @@ def resolve_checkpoint(path_or_repo):
     except Exception as e:
         raise RuntimeError(f"could not download {path_or_repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
                            f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
-
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def cpu_has_bf16():
-    """AVX512-BF16 or AMX: the CPU computes in bf16. Without them (AVX2), bf16 is emulated and far slower."""
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(device="auto", dtype="auto"):
-    """The --device and --dtype flags as torch objects. auto: CUDA when present; bf16 where the hardware computes
-    in it, fp16 on GPUs without bf16 (T4, V100), fp32 on CPUs without bf16 instructions."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
-    if dtype not in (None, "auto"):
-        if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
-            warnings.warn("--dtype bf16 on a CPU without bf16 instructions is emulated: on an AVX2 CPU one QLoRA step "
-                          "of the 0.5B model took 299 s against about 8 s in fp32. --dtype auto picks fp32 there.")
-        return device, DTYPES[dtype]
-    if device.type == "cuda":
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, torch.bfloat16 if cpu_has_bf16() else torch.float32
-
-
-class Tokenizer:
-    """Qwen2's byte-level BPE (tokenizer.json) and the ChatML format, written out by hand."""
-    DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-
-    def __init__(self, tok):
-        self.tok = tok
-        ids = {s: tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-        if None in ids.values():
-            raise ValueError(f"tokenizer lacks ChatML special tokens: {[s for s, i in ids.items() if i is None]}")
-        self.pad_id, self.im_start_id, self.im_end_id = ids.values()
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo):
-        from tokenizers import Tokenizer as HFTokenizer
-        folder = resolve_checkpoint(path_or_repo)
-        if not (folder / "tokenizer.json").exists():
-            raise FileNotFoundError(f"{folder}: no tokenizer.json")
-        return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
-
-    def encode(self, text):
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids):
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-    def apply_chat(self, messages, add_generation_prompt=True):
-        """ChatML: each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`; Qwen adds its own system turn
-        when the conversation has none. Special tokens in the rendered text encode to their ids, as in HF."""
-        if not messages or messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.DEFAULT_SYSTEM}, *messages]
-        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-        return self.encode(text + ("<|im_start|>assistant\n" if add_generation_prompt else ""))
-
-
-def sample(logits, temperature, top_p):
-    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
-    return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
-
-
-def left_pad(prompts, pad_id, device=None):
-    """Token-id lists -> ids (B, T) padded on the left, so every prompt ends at column T - 1, and the boolean
-    (B, T) mask of real tokens."""
-    T = max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)
-    mask = torch.tensor([[False] * (T - len(p)) + [True] * len(p) for p in prompts], device=device)
-    return ids, mask
-
-
-@torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None):
-    """Continue each prompt (a list of token ids) until a stop token or max_new_tokens; returns the new ids
-    of each row without the stop token. Rows that stop leave the batch, so no work is spent on them."""
-    param = model.model.embed_tokens.weight
-    stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
-    ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
-    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, param.dtype, param.device)
-    x = model.hidden(ids, pad_mask, cache)[:, -1]  # (B, D)
-    rows = list(range(len(prompts)))  # the prompt index of each live row
-    out = [[] for _ in prompts]
-    for step in range(max_new_tokens):
-        token = sample(model.lm_head(x).float(), temperature, top_p)  # (b,)
-        done = torch.isin(token, stop)
-        for r, t, d in zip(rows, token.tolist(), done.tolist()):  # one host sync per step
-            if not d:
-                out[r].append(t)
-                if on_token:
-                    on_token(r, t)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        if done.any():
-            live = (~done).nonzero().squeeze(1)
-            rows = [rows[i] for i in live.tolist()]
-            cache.keep(live)
-            token = token[live]
-        x = model.hidden(token[:, None], None, cache)[:, -1]
-    return out

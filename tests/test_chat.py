@@ -18,7 +18,9 @@ from conftest import ROOT
 
 import chat
 import data
-from tinyreason import Qwen2, Tokenizer, generate
+from generate import generate
+from tinyreason import Qwen2
+from tokenizer import Tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples?"
 MULTIBYTE = "It’s 5€ for 数学 — ✓ done: 学生 ’€’"

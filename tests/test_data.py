@@ -9,7 +9,8 @@ import torch
 from conftest import gsm8k_records
 
 import data
-from tinyreason import IGNORE, Tokenizer
+from data import IGNORE
+from tokenizer import Tokenizer
 
 NATALIA = {
     "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

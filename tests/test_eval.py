@@ -11,10 +11,14 @@ import sys
 import pytest
 import torch
 
+import data
 import eval as ev
+import grade
 import lora
 from conftest import gsm8k_records
-from tinyreason import Qwen2, Tokenizer, generate
+from generate import generate
+from tinyreason import Qwen2
+from tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("answer, expected", [
@@ -40,7 +44,7 @@ from tinyreason import Qwen2, Tokenizer, generate
     ("Blue.", "blue"),                   # no number: the lower-cased text
 ])
 def test_normalize_follows_the_recipe_table(answer, expected):
-    assert ev.normalize(answer) == expected
+    assert grade.normalize(answer) == expected
 
 
 @pytest.mark.parametrize("output, expected", [
@@ -56,12 +60,12 @@ def test_normalize_follows_the_recipe_table(answer, expected):
     ("total is 1,200", "1200"),
 ])
 def test_extraction_order(output, expected):
-    assert ev.normalize(ev.extract_answer(output)) == expected
+    assert grade.normalize(grade.extract_answer(output)) == expected
 
 
 def test_output_without_an_answer_extracts_nothing_and_is_wrong():
-    assert ev.extract_answer("I do not know.") is None
-    assert not ev.is_correct(ev.normalize(None), "0")
+    assert grade.extract_answer("I do not know.") is None
+    assert not grade.is_correct(grade.normalize(None), "0")
 
 
 @pytest.mark.parametrize("pred, gold, correct", [
@@ -69,11 +73,11 @@ def test_output_without_an_answer_extracts_nothing_and_is_wrong():
     ("seven", "7", True), ("blue", "blue", True), ("blue", "red", False),
 ])
 def test_answers_compare_numerically(pred, gold, correct):
-    assert ev.is_correct(ev.normalize(pred), ev.normalize(gold)) is correct
+    assert grade.is_correct(grade.normalize(pred), grade.normalize(gold)) is correct
 
 
 def test_float_rounding_does_not_make_an_answer_wrong():
-    assert ev.is_correct(repr(0.1 + 0.2), "0.3")
+    assert grade.is_correct(repr(0.1 + 0.2), "0.3")
 
 
 @pytest.mark.parametrize("output, compliant", [
@@ -83,14 +87,14 @@ def test_float_rounding_does_not_make_an_answer_wrong():
     ("<think>\n**Final Answer:** 2\n</think>", False),               # answer inside the reasoning
 ])
 def test_format_compliance_needs_a_closed_think_then_the_delimiter(output, compliant):
-    assert bool(ev.FORMATS["tinyreason"].search(output)) is compliant
+    assert grade.is_compliant(output, "tinyreason") is compliant
 
 
 @pytest.mark.parametrize("k, n", [(21, 50), (1, 10), (37, 40), (500, 1319)])
 def test_wilson_bounds_are_where_the_score_test_reaches_z(k, n):
     """The Wilson interval inverts the score test: at each bound p0, |k/n - p0| / sqrt(p0 (1 - p0) / n) = z."""
     z, p = 1.959964, k / n
-    lo, hi = ev.wilson(k, n)
+    lo, hi = grade.wilson(k, n)
     assert lo < p < hi
     for p0 in (lo, hi):
         assert abs(p - p0) / math.sqrt(p0 * (1 - p0) / n) == pytest.approx(z, rel=1e-9)
@@ -99,13 +103,13 @@ def test_wilson_bounds_are_where_the_score_test_reaches_z(k, n):
 def test_wilson_matches_scipy():
     stats = pytest.importorskip("scipy.stats")
     ci = stats.binomtest(21, 50).proportion_ci(confidence_level=0.95, method="wilson")
-    assert ev.wilson(21, 50) == pytest.approx((ci.low, ci.high), abs=1e-6)  # about (0.2938, 0.5577)
+    assert grade.wilson(21, 50) == pytest.approx((ci.low, ci.high), abs=1e-6)  # about (0.2938, 0.5577)
 
 
 def test_wilson_stays_inside_0_1_at_the_extremes():
-    lo, hi = ev.wilson(0, 10)
+    lo, hi = grade.wilson(0, 10)
     assert lo == 0 and 0 < hi < 0.5
-    lo, hi = ev.wilson(10, 10)
+    lo, hi = grade.wilson(10, 10)
     assert 0.5 < lo and hi == pytest.approx(1)
 
 
@@ -155,7 +159,7 @@ def test_batched_sorted_eval_keeps_each_output_with_its_problem(tiny_checkpoint,
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
     for row, record in zip(rows, gsm8k_records(3)):
-        prompt = tok.apply_chat([{"role": "user", "content": record["question"] + ev.BOXED_SUFFIX}])
+        prompt = tok.apply_chat([{"role": "user", "content": record["question"] + data.BOXED_SUFFIX}])
         assert row["output"] == greedy(model, tok, prompt)
 
 

@@ -14,12 +14,13 @@ import torch
 from conftest import ROOT
 
 import lora
+from load import load_base
 from quant import is_nf4
 from tinyreason import PROJECTIONS, Linear, Qwen2, QwenConfig
 
 
-def load(checkpoint, quantize=None):
-    return Qwen2.from_pretrained(checkpoint, dtype=torch.float32, device="cpu", quantize=quantize)
+def load(checkpoint, quantize="none"):
+    return load_base(checkpoint, dtype=torch.float32, device="cpu", quantize=quantize)
 
 
 def tokens(model, seed=0):
@@ -75,7 +76,7 @@ def test_lora_weights_stay_fp32_and_output_keeps_the_base_dtype(tiny_checkpoint)
     assert layer(torch.randn(2, 3, layer.base.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_trainable_count_is_r_times_din_plus_dout_over_wrapped_layers(tiny_checkpoint, quantize):
     base_total = count(lora.trainable_report(load(tiny_checkpoint)))[1]
     model = lora.inject(load(tiny_checkpoint, quantize), r=4, alpha=8)
@@ -97,7 +98,7 @@ def test_qwen25_1p5b_at_r16_trains_18_5m_parameters_not_1_3m():
     assert f"({100 * trainable / total:.2f}%)" in report == "trainable params: 18,464,768 / 1,562,179,072 (1.18%)"
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_one_optimizer_step_changes_only_a_and_b(tiny_checkpoint, quantize):
     model = with_trained_adapter(load(tiny_checkpoint, quantize)).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -141,8 +142,8 @@ def test_merged_logits_equal_adapter_logits(tiny_checkpoint):
 
 
 def test_merge_dequantizes_an_nf4_base_to_16_bit(tiny_checkpoint):
-    model = with_trained_adapter(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu",
-                                                       quantize="nf4"))
+    model = with_trained_adapter(load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu",
+                                                 quantize="nf4"))
     ids = tokens(model)
     with_adapter = logits(model, ids).float()
     merged = lora.merge(model)

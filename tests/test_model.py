@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import gsm8k_records
 
-import tinyreason
-from tinyreason import Linear, Qwen2, QwenConfig, Tokenizer, generate, left_pad, matmul_t, sample
+import load
+from generate import generate, left_pad, sample
+from tinyreason import Linear, Qwen2, QwenConfig, matmul_t
+from tokenizer import Tokenizer
 
 
 def hf_model(path, dtype=torch.float32):
@@ -93,14 +95,14 @@ def test_cpu_fp32_matmul_kernel_equals_f_linear():
 
 @pytest.mark.parametrize("has_bf16, auto", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, has_bf16, auto):
-    monkeypatch.setattr(tinyreason, "cpu_has_bf16", lambda: has_bf16)
-    assert tinyreason.resolve_precision("cpu", "auto") == (torch.device("cpu"), auto)
+    monkeypatch.setattr(load, "cpu_has_bf16", lambda: has_bf16)
+    assert load.resolve_precision("cpu", "auto") == (torch.device("cpu"), auto)
 
 
 def test_asking_for_bf16_on_a_cpu_without_it_warns_and_is_obeyed(monkeypatch):
-    monkeypatch.setattr(tinyreason, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(load, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="--dtype bf16 on a CPU without bf16 instructions"):
-        assert tinyreason.resolve_precision("cpu", "bf16")[1] == torch.bfloat16
+        assert load.resolve_precision("cpu", "bf16")[1] == torch.bfloat16
 
 
 def naive_greedy(model, prompt, n, stop):

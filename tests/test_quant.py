@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from load import load_base
 from quant import dequantize, footprint_gb, is_nf4, to_nf4
 from tinyreason import PROJECTIONS, Qwen2
 
@@ -75,7 +76,7 @@ def test_dequantize_of_a_plain_linear_is_its_weight():
 
 
 def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoint):
-    model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    model = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
     quantized = {name for name, m in model.named_modules() if is_nf4(m)}
     assert quantized == {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS}
     assert len(quantized) == 7 * model.config.num_hidden_layers
@@ -86,7 +87,7 @@ def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoin
 
 
 def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
-    nf4 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="nf4")
+    nf4 = load_base(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="nf4")
     ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     for name, m in nf4.named_modules():
         if is_nf4(m):
@@ -98,7 +99,7 @@ def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
 
 def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
     bf16 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
-    nf4 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    nf4 = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
     n_quantized = sum(m.weight.quant_state.shape.numel() for m in nf4.modules() if is_nf4(m))
     n_blocks, n_layers = n_quantized // 64, 7 * nf4.config.num_hidden_layers
     saved = (footprint_gb(bf16) - footprint_gb(nf4)) * 1e9  # bytes

@@ -3,6 +3,8 @@
     python -m pytest tests/test_train.py -q
 """
 import json
+import os
+import signal
 from contextlib import nullcontext
 
 import pytest
@@ -13,8 +15,12 @@ from safetensors.torch import load_file
 
 import data
 import lora
+import loop
+import tinyreason
 import train
-from tinyreason import IGNORE, Qwen2, Tokenizer
+from data import IGNORE
+from tinyreason import Qwen2
+from tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +69,18 @@ def adapter_tensors(folder):
 
 def test_schedule_warms_up_then_decays_linearly_to_zero():
     cfg = train.TrainConfig(learning_rate=1e-3, warmup_steps=10, max_steps=110)
-    lrs = [train.get_lr(s, cfg) for s in range(cfg.max_steps)]
+    lrs = [loop.get_lr(s, cfg) for s in range(cfg.max_steps)]
     assert lrs[0] == pytest.approx(1e-4)  # step 0 already trains
     assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # the peak at the end of warmup
     assert lrs[-1] == pytest.approx(1e-3 / 100)  # one decay step before 0
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
 
 
-def test_summed_cross_entropy_and_its_gradient_equal_torch_cross_entropy():
+def test_token_log_probs_and_their_gradient_equal_torch_cross_entropy():
     torch.manual_seed(0)
     z = torch.randn(5, 11, requires_grad=True)
     y = torch.tensor([0, 3, 10, 3, 7])
-    ours = train.SummedCrossEntropy.apply(z.clone(), y)  # a copy: backward writes the gradient over its input
+    ours = -tinyreason.TokenLogProb.apply(z.clone(), y).sum()  # a copy: backward writes the gradient over its input
     (g,) = torch.autograd.grad(3.0 * ours, z)  # a scaled loss, as with fp16's grad scaler
     expected = F.cross_entropy(z, y, reduction="sum")
     (g_expected,) = torch.autograd.grad(3.0 * expected, z)
@@ -85,7 +91,7 @@ def test_summed_cross_entropy_and_its_gradient_equal_torch_cross_entropy():
 @pytest.mark.parametrize("chunk", [7, 4096])  # several chunks (recomputed in backward, last one partial), one chunk
 def test_loss_and_gradients_on_target_positions_equal_full_logits_cross_entropy(tiny_checkpoint, examples,
                                                                                 monkeypatch, chunk):
-    monkeypatch.setattr(train, "CE_CHUNK", chunk)
+    monkeypatch.setattr(tinyreason, "LOGPROB_CHUNK", chunk)
     model = lora_model(tiny_checkpoint)
     batch = data.collate(*examples)
     loss_sum, n = train.compute_loss(model, batch)
@@ -157,12 +163,12 @@ def test_missing_model_folder_fails_before_loading(gsm8k_file, tmp_path):
         train.main(run_flags("/nonexistent/model", gsm8k_file, tmp_path))
 
 
-def test_pruning_keeps_the_newest_checkpoints_and_the_best_one(tmp_path):
+@pytest.mark.parametrize("limit, kept", [(1, [4, 10]), (2, [4, 10]), (3, [4, 8, 10]), (9, [2, 4, 6, 8, 10])])
+def test_pruning_keeps_the_newest_and_the_best_checkpoint_within_the_limit(tmp_path, limit, kept):
     for step in (2, 4, 6, 8, 10):
         (tmp_path / f"checkpoint-{step:06d}").mkdir()
-    train.prune_checkpoints(tmp_path, {2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5}, limit=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000004", "checkpoint-000008",
-                                                          "checkpoint-000010"]
+    loop.Checkpoints(tmp_path, limit).prune({2: 3.0, 4: 1.0, 6: 2.0, 8: 2.5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-{s:06d}" for s in kept]
 
 
 def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkpoint, gsm8k_file, tmp_path):
@@ -179,7 +185,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkp
     adapter = tmp_path / "adapter"
     # experiment_config.json is the resolved config: feeding it back reproduces the run's settings.
     assert train.parse_config(["--config", str(adapter / "experiment_config.json")]) == \
-        train.parse_config(flags + ["--dtype", "bf16"])
+        train.parse_config(flags + ["--dtype", "bf16", "--device", "cpu", "--optim", "adamw"])
     saved, best_saved = adapter_tensors(adapter), adapter_tensors(tmp_path / f"checkpoint-{best:06d}")
     assert all(t.dtype == torch.float32 for t in saved.values())  # LoRA weights stay fp32 under bf16 autocast
     assert saved.keys() == best_saved.keys() and all(torch.equal(t, best_saved[k]) for k, t in saved.items())
@@ -187,29 +193,60 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkp
     assert all(torch.equal(p, saved[k]) for k, p in lora.lora_state_dict(model).items())
 
 
-def test_interrupted_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tiny_checkpoint, gsm8k_file,
-                                                                                tmp_path, monkeypatch):
-    extra = ("--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "5e-3", "--eval_steps", "2",
-             "--save_steps", "6", "--dtype", "fp32",
-             "--lora_dropout", "0.1", "--optim", "adamw_8bit")  # the RNG and 8-bit states must round-trip too
-    straight = train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "a", *extra))
+RESUME_RUN = ("--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "5e-3", "--eval_steps", "2",
+              "--save_steps", "6", "--dtype", "fp32",
+              "--lora_dropout", "0.1", "--optim", "adamw_8bit")  # the RNG and 8-bit states must round-trip too
 
-    get_lr = train.get_lr
 
-    def ctrl_c_at_step_4(step, cfg):
-        if step == 3:
-            raise KeyboardInterrupt
-        return get_lr(step, cfg)
-    monkeypatch.setattr(train, "get_lr", ctrl_c_at_step_4)
+@pytest.fixture(scope="module")
+def straight_run(tiny_checkpoint, gsm8k_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    return train.main(run_flags(tiny_checkpoint, gsm8k_file, out, *RESUME_RUN)), out
+
+
+def ctrl_c():
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("where", ["mid-accumulation", "after the optimizer update"])
+def test_ctrl_c_inside_a_step_resumes_bit_identical_to_an_uninterrupted_run(tiny_checkpoint, gsm8k_file, tmp_path,
+                                                                          monkeypatch, straight_run, where):
+    straight, straight_dir = straight_run
+    calls = []
+    if where == "mid-accumulation":  # between the two micro-batches of step 3
+        compute_loss = train.compute_loss
+        monkeypatch.setattr(train, "compute_loss", lambda *a: (torch.is_grad_enabled() and calls.append(1),
+                                                               len(calls) == 5 and ctrl_c(), compute_loss(*a))[-1])
+    else:
+        optimizer_step = loop.optimizer_step
+        monkeypatch.setattr(loop, "optimizer_step", lambda *a: (optimizer_step(*a), calls.append(1),
+                                                                len(calls) == 3 and ctrl_c())[0])
     with pytest.raises(SystemExit):
-        train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "b", *extra))
-    assert [p.name for p in (tmp_path / "b").glob("checkpoint-*")] == ["checkpoint-000003"]
-    monkeypatch.setattr(train, "get_lr", get_lr)
-    resumed = train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "b", *extra, "--resume", "latest"))
+        train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path, *RESUME_RUN))
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000003"]  # the step it was inside
+    monkeypatch.undo()
+    resumed = train.main(["--resume", "--output_dir", str(tmp_path)])  # every other setting from the checkpoint
 
     assert resumed["train_losses"] == straight["train_losses"] and resumed["val_losses"] == straight["val_losses"]
-    a, b = adapter_tensors(tmp_path / "a" / "adapter"), adapter_tensors(tmp_path / "b" / "adapter")
+    a, b = adapter_tensors(straight_dir / "adapter"), adapter_tensors(tmp_path / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_change_that_makes_another_run_and_allows_more_steps(tiny_checkpoint, gsm8k_file,
+                                                                             straight_run, capsys):
+    _, out = straight_run
+    with pytest.raises(SystemExit):
+        train.parse_config(["--resume", "--output_dir", str(out), "--seed", "1", "--batch_size", "4"])
+    assert "--batch_size 2 -> 4, --seed 3407 -> 1" in capsys.readouterr().err
+    cfg = train.parse_config(["--resume", "--output_dir", str(out), "--max_steps", "9"])
+    assert (cfg.max_steps, cfg.model, cfg.lora_dropout, cfg.resume) == (
+        9, str(tiny_checkpoint), 0.1, str(out / "checkpoint-000006"))
+
+
+def test_checkpoint_state_loads_without_running_pickled_code(straight_run):
+    _, out = straight_run
+    state = torch.load(out / "checkpoint-000006" / "training_state.pt", weights_only=True)
+    assert state["state"]["step"] == 6 and set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
 
 
 def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, gsm8k_file, tmp_path, monkeypatch,
