@@ -8,14 +8,14 @@ import torch
 from tinyreason import KVCache
 
 
-def sample(logits, temperature, top_p):
+def sample(logits, temperature, top_p, generator=None):
     """Next token per row from fp32 logits (B, V): argmax at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
     sorted_p, order = probs.sort(dim=-1, descending=True)
     sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
-    return order.gather(-1, torch.multinomial(sorted_p, 1)).squeeze(-1)
+    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).squeeze(-1)
 
 
 def left_pad(prompts, pad_id, device=None):
@@ -27,25 +27,39 @@ def left_pad(prompts, pad_id, device=None):
     return ids, mask
 
 
+def share_prefill(cache: KVCache, n: int):
+    """Each of the cache's rows becomes n consecutive rows (row i -> rows i*n .. i*n+n-1): the n samples of a
+    prompt share one prefill instead of computing it n times."""
+    cache.keep(torch.arange(cache.batch, device=cache.mask.device).repeat_interleave(n))  # rows are gathered before they are written, so repeating them in place is safe
+
+
 @torch.inference_mode()
-def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None):
-    """Continue each prompt (a list of token ids) until a stop token or max_new_tokens; returns the new ids
-    of each row without the stop token. Rows that stop leave the batch, so no work is spent on them."""
+def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
+             num_samples=1, keep_stop=False, generator=None):
+    """Continue each prompt (a list of token ids) `num_samples` times until a stop token or max_new_tokens.
+    Returns the new ids of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1); a row that sampled
+    a stop token ends with it when keep_stop, so a row shorter than max_new_tokens, or ending in a stop token,
+    stopped, and any other was cut at the length. Finished rows leave the batch: no work is spent on them."""
     param = model.model.embed_tokens.weight
     stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
     ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
-    cache = KVCache(model.config, len(prompts), ids.shape[1] + max_new_tokens, param.dtype, param.device)
-    x = model.hidden(ids, pad_mask, cache)[:, -1]  # (B, D)
-    rows = list(range(len(prompts)))  # the prompt index of each live row
-    out = [[] for _ in prompts]
+    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens, param.dtype,
+                    param.device)
+    cache.batch = len(prompts)
+    x = model.hidden(ids, pad_mask, cache)[:, -1]  # (P, D)
+    if num_samples > 1:
+        share_prefill(cache, num_samples)
+        x = x.repeat_interleave(num_samples, 0)  # (P * n, D)
+    rows = list(range(cache.batch))  # the output row of each live row
+    out = [[] for _ in rows]
     for step in range(max_new_tokens):
-        token = sample(model.lm_head(x).float(), temperature, top_p)  # (b,)
+        token = sample(model.lm_head(x).float(), temperature, top_p, generator)  # (b,)
         done = torch.isin(token, stop)
         for r, t, d in zip(rows, token.tolist(), done.tolist()):  # one host sync per step
-            if not d:
+            if not d or keep_stop:
                 out[r].append(t)
-                if on_token:
-                    on_token(r, t)
+            if on_token and not d:
+                on_token(r, t)
         if done.all() or step == max_new_tokens - 1:
             break
         if done.any():

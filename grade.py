@@ -17,12 +17,62 @@ SCALES = {"thousand": 10**3, "million": 10**6, "billion": 10**9}
 _WORD = "(?:" + "|".join(sorted([*WORD_VALUES, *SCALES, "hundred"], key=len, reverse=True)) + r")\b"
 NUMBER_WORDS_RE = re.compile(rf"\b{_WORD}(?:[\s-]+(?:and\s+)?{_WORD})*")  # "twenty-five", "one hundred and five"
 
-FORMAT_RE = {"tinyreason": re.compile(r"</think>.*\*\*Final Answer:\*\*", re.S), "boxed": re.compile(r"\\boxed\{")}
+STYLES = ("tinyreason", "boxed", "answer_tags")
+FORMAT_RE = {"tinyreason": re.compile(r"</think>.*\*\*Final Answer:\*\*", re.S), "boxed": re.compile(r"\\boxed\{"),
+             "answer_tags": re.compile(r"</think>.*<answer>.*</answer>", re.S)}
+# The strict shape RL rewards: one non-empty think block first, then the answer in the style's place, then nothing.
+STRICT_RE = {"tinyreason": re.compile(r"\s*<think>(?P<think>.*?\S.*?)</think>\s*\*\*Final Answer:\*\*[ \t]*(?P<answer>\S[^\n]*?)\s*", re.S),
+             "answer_tags": re.compile(r"\s*<think>(?P<think>.*?\S.*?)</think>\s*<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
+             "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}[\s.$]*", re.S)}
+TAGS = ("<think>", "</think>", "<answer>", "</answer>", "**Final Answer:**", "\\boxed{")
+STATEMENT_RE = re.compile(rf"({NUMBER})\s*([-+*/x×÷])\s*({NUMBER})\s*=\s*({NUMBER})")  # "48 / 2 = 24"
 
 
 def is_compliant(text: str, style: str) -> bool:
     """The answer sits where the prompt style asked for it (the loose check eval.py reports)."""
     return bool(FORMAT_RE[style].search(text))
+
+
+def answer_span(text: str, style: str) -> str | None:
+    """The answer where the style puts it, and nowhere else: after **Final Answer:**, in the last \\boxed{}, or
+    in the last <answer></answer>. No fallback to the last number (extract_answer's flexible reading)."""
+    if style == "boxed":
+        return last_boxed(text)
+    if style == "answer_tags":
+        spans = re.findall(r"<answer>(.*?)</answer>", text, re.S)
+        return spans[-1].strip() if spans else None
+    return text.rsplit("**Final Answer:**", 1)[1].strip() if "**Final Answer:**" in text else None
+
+
+def strict_format(text: str, style: str) -> re.Match | None:
+    """The whole completion in the style's shape with each tag exactly once; its groups are `think`, `answer`."""
+    if any(text.count(tag) > 1 for tag in TAGS):  # a second think block or answer is not the format
+        return None
+    return STRICT_RE[style].fullmatch(text)
+
+
+def step_validity(text: str) -> tuple[int, int]:
+    """(true, all) arithmetic statements `a op b = c` in the text; c may be rounded to its own decimals."""
+    statements = STATEMENT_RE.findall(THOUSANDS_RE.sub("", text))
+    true = 0
+    for a, op, b, c in statements:
+        a, b, c = float(a), float(b), float(c)
+        value = {"+": a + b, "-": a - b, "*": a * b, "x": a * b, "×": a * b}.get(op, a / b if b else math.nan)
+        decimals = len(f"{c}".split(".")[1].rstrip("0")) if "." in f"{c}" else 0
+        true += abs(value - c) <= 0.5 * 10 ** -decimals + 1e-9
+    return true, len(statements)
+
+
+def rewards(text: str, gold: str, style: str, stopped: bool) -> dict[str, float]:
+    """RL's reward parts for one completion. A completion cut at the length limit earns nothing: it has no
+    answer yet. correct: the strict answer span graded as eval.py grades; format: strict_format; reasoning: the
+    fraction of true `a op b = c` statements in the think block, only when the format holds (else 0)."""
+    if not stopped:
+        return {"correct": 0.0, "format": 0.0, "reasoning": 0.0}
+    shape = strict_format(text, style)
+    true, total = step_validity(shape["think"]) if shape else (0, 0)
+    return {"correct": float(is_correct(normalize(answer_span(text, style)), normalize(gold))),
+            "format": float(shape is not None), "reasoning": true / total if total else 0.0}
 
 
 def last_boxed(text: str) -> str | None:
