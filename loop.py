@@ -7,12 +7,14 @@ resolved config) and training_state.pt: optimizer, grad scaler, RNG states and t
 and plain data, so it loads with torch.load(weights_only=True) and nothing in the file is ever executed.
 """
 import argparse
+import importlib.util
 import json
 import os
 import random
 import resource
 import shutil
 import signal
+import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -143,6 +145,56 @@ class StopAtStepBoundary:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
+
+
+def save_or_stop(checkpoints, stop: StopAtStepBoundary, due: bool, script: str, model, optimizer, scaler,
+                 state: dict, cfg, scores: dict):
+    """At the end of a step: save a checkpoint when one is due or Ctrl-C asked to stop; then stop, with the command
+    that continues the run."""
+    if due or stop.requested:
+        log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, scores)}")
+    if stop.requested:
+        log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir {cfg.output_dir}")
+        raise SystemExit(130)
+
+
+class Metrics:
+    """output_dir/metrics.jsonl: one JSON line per step and per evaluation with every figure of the log line and the
+    wall time; --report_to tensorboard or wandb sends the same figures there. A resumed run first drops the lines
+    past its checkpoint's step, so the file never holds a step twice."""
+
+    def __init__(self, cfg, resumed_step: int = 0):
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= resumed_step))
+        self.report = None
+        if cfg.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.report = SummaryWriter(Path(cfg.output_dir) / "tensorboard").add_scalar
+        elif cfg.report_to == "wandb":
+            import wandb
+            wandb.init(project="tinyreason", config=asdict(cfg), dir=cfg.output_dir)
+            self.report = lambda key, value, step: wandb.log({key: value}, step=step)
+
+    def log(self, step: int, **figures):
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **figures}) + "\n")
+        for key, value in figures.items():
+            if self.report and isinstance(value, (int, float)):
+                self.report(key, value, step)
+
+
+def check_report_to(report_to: str) -> list[str]:
+    """The problem with --report_to, if any, found before anything loads."""
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if report_to not in ("none", "tensorboard", "wandb"):
+        return [f"--report_to {report_to!r}: expected none, tensorboard or wandb"]
+    if package and importlib.util.find_spec(package) is None:
+        return [f"--report_to {report_to}: the {package} package is not installed (pip install {package}), "
+                "or use --report_to none"]
+    return []
 
 
 def rng_state() -> dict:

@@ -91,6 +91,7 @@ class RLConfig:
     save_steps: int = 25
     save_total_limit: int = 2  # newest checkpoints kept; the best by held-out accuracy is never deleted
     logging_steps: int = 5  # a log line every step; a sample completion every this many steps
+    report_to: str = "none"  # also send the metrics.jsonl figures to "tensorboard" or "wandb"
     seed: int = 3407
     output_dir: str = "outputs/rl"
     adapter_path: str = "outputs/rl_adapter"  # the best adapter by held-out accuracy
@@ -126,6 +127,7 @@ def check_config(cfg: RLConfig):
         problems.append(f"--reward_weights {cfg.reward_weights!r}: expected three numbers, e.g. 1.0,0.1,0.0")
     if cfg.temperature == 0:
         problems.append("--temperature 0 samples one completion G times: RL needs > 0")
+    problems += loop.check_report_to(cfg.report_to)
     if data.is_local(cfg.data) and not Path(cfg.data).is_file():
         problems.append(f"--data {cfg.data}: no such file")
     if not cfg.resume and loop.Checkpoints(cfg.output_dir).saved():
@@ -377,6 +379,7 @@ def main(argv=None) -> dict:
         state = loop.load_training_state(Path(cfg.resume), optimizer, scaler)
         log(f"resumed from {cfg.resume} at step {state['step']}")
     checkpoints = loop.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize=True)
+    metrics = loop.Metrics(cfg, state["step"])
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="rl", dynamic_ncols=True)
     with loop.StopAtStepBoundary() as stop:
         for step in range(state["step"], cfg.max_steps):
@@ -385,6 +388,7 @@ def main(argv=None) -> dict:
                                 ref_tensors, cfg, step, device, autocast, loop.get_lr(step, cfg))
             state.update(step=step + 1, position=position)
             state["rewards"][step + 1] = s["reward"]
+            metrics.log(step + 1, **s)
             bar.update()
             bar.set_postfix(reward=f"{s['reward']:.3f}", acc=f"{s['correct']:.2f}")
             log(f"step {step + 1}/{cfg.max_steps} | reward {s['reward']:.3f} (correct {s['correct']:.2f} format "
@@ -398,15 +402,11 @@ def main(argv=None) -> dict:
             if eval_q and (state["step"] % cfg.eval_steps == 0 or done):
                 acc, fmt = held_out_accuracy(model, tokenizer, eval_q, cfg)
                 state["accuracy"][state["step"]] = acc
+                metrics.log(state["step"], accuracy=acc, eval_format=fmt)
                 log(f"step {state['step']}: held-out accuracy {acc:.3f} ({round(acc * len(eval_q))}/{len(eval_q)}), "
                     f"format {fmt:.2f}")
-            if state["step"] % cfg.save_steps == 0 or done or stop.requested:
-                log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, state['accuracy'])}")
-            if stop.requested:
-                bar.close()
-                log(f"stopped after step {state['step']}: continue with python rl.py --resume --output_dir "
-                    f"{cfg.output_dir}")
-                raise SystemExit(130)
+            loop.save_or_stop(checkpoints, stop, state["step"] % cfg.save_steps == 0 or done, "rl.py", model,
+                              optimizer, scaler, state, cfg, state["accuracy"])
     bar.close()
     best = checkpoints.export_best(cfg.adapter_path, cfg, state["accuracy"])
     log(f"adapter of step {best} (held-out accuracy {state['accuracy'].get(best, float('nan')):.3f}) -> "
@@ -415,4 +415,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad flags, files or data, no network: the message alone says what to do
+        raise SystemExit(f"rl.py: {e}")

@@ -60,6 +60,7 @@ class TrainConfig:
     save_steps: int = 50  # checkpoint every this many steps (and at the end)
     save_total_limit: int = 3  # newest checkpoints kept; the best one by validation loss is never deleted
     logging_steps: int = 10  # a log line every this many steps
+    report_to: str = "none"  # also send the metrics.jsonl figures to "tensorboard" or "wandb"
     seed: int = 3407  # seeds Python, NumPy, torch, the data order and the adapter init
     output_dir: str = "outputs"  # checkpoints go here
     adapter_path: str = DEFAULT_ADAPTER  # the best adapter + experiment_config.json end up here
@@ -83,6 +84,7 @@ def check_config(cfg: TrainConfig):
                           ("quantize", QUANTIZE)):
         if getattr(cfg, flag) not in allowed:
             problems.append(f"--{flag} {getattr(cfg, flag)!r}: expected one of {allowed}")
+    problems += loop.check_report_to(cfg.report_to)
     if unknown := sorted(set(cfg.target_modules) - set(lora.TARGETS)):
         problems.append(f"--target_modules {unknown}: expected a subset of {lora.TARGETS}")
     if is_local(cfg.data) and not Path(cfg.data).is_file():
@@ -165,6 +167,7 @@ def main(argv=None) -> dict:
         state = loop.load_training_state(Path(cfg.resume), optimizer, scaler)
         log(f"resumed from {cfg.resume} at step {state['step']}")
     checkpoints = loop.Checkpoints(cfg.output_dir, cfg.save_total_limit)
+    metrics = loop.Metrics(cfg, state["step"])
 
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", dynamic_ncols=True)
     tokens, train_time, window = 0, 0.0, []
@@ -185,6 +188,7 @@ def main(argv=None) -> dict:
             train_time += time.time() - t0
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_time:.0f}")
             bar.update()
+            metrics.log(state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tok_s=tokens / train_time)
             done = state["step"] == cfg.max_steps
             if state["step"] % cfg.logging_steps == 0 or done:
                 log(f"step {state['step']}/{cfg.max_steps} | loss {sum(window) / len(window):.4f} | lr {lr:.3e} | "
@@ -193,14 +197,10 @@ def main(argv=None) -> dict:
             if val_set and (state["step"] % cfg.eval_steps == 0 or done):
                 val = evaluate(model, val_set, cfg.batch_size, autocast, tokenizer.pad_id, device)
                 state["val_losses"][state["step"]] = val
+                metrics.log(state["step"], val_loss=val)
                 log(f"step {state['step']}: validation loss {val:.4f}")
-            if state["step"] % cfg.save_steps == 0 or done or stop.requested:
-                log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, state['val_losses'])}")
-            if stop.requested:
-                bar.close()
-                log(f"stopped after step {state['step']}: continue with python train.py --resume "
-                    f"--output_dir {cfg.output_dir}")
-                raise SystemExit(130)
+            loop.save_or_stop(checkpoints, stop, state["step"] % cfg.save_steps == 0 or done, "train.py", model,
+                              optimizer, scaler, state, cfg, state["val_losses"])
     bar.close()
 
     step = checkpoints.export_best(cfg.adapter_path, cfg, state["val_losses"])
@@ -211,4 +211,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad flags, files or data, no network: the message alone says what to do
+        raise SystemExit(f"train.py: {e}")

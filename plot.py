@@ -1,0 +1,79 @@
+"""Curves of a run from its metrics.jsonl, as a PNG a person would rather look at than read.
+
+    python plot.py outputs/metrics.jsonl                 # -> outputs/metrics.png
+    python plot.py outputs/rl/metrics.jsonl --out rl.png
+
+SFT runs (train.py): training and validation loss, the learning rate on a second axis. RL runs (rl.py): reward and
+its parts, held-out accuracy, completion length, and the fraction of zero-std groups. Needs matplotlib.
+"""
+import argparse
+import json
+from pathlib import Path
+
+
+def read_metrics(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: not a metrics.jsonl ({e})")
+
+
+def series(rows: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of the rows that have `key`."""
+    points = [(r["step"], r[key]) for r in rows if key in r]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def plot_sft(ax, rows):
+    ax.plot(*series(rows, "loss"), label="training loss", color="tab:blue")
+    ax.plot(*series(rows, "val_loss"), "o-", label="validation loss", color="tab:orange")
+    ax.set_ylabel("loss")
+    lr = ax.twinx()
+    lr.plot(*series(rows, "lr"), color="tab:gray", alpha=0.5, label="learning rate")
+    lr.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+
+
+def plot_rl(axes, rows):
+    reward, acc, length, zero = axes
+    for key in ("reward", "correct", "format", "reasoning"):
+        reward.plot(*series(rows, key), label=key)
+    reward.set_ylabel("reward (training samples)")
+    reward.legend()
+    acc.plot(*series(rows, "accuracy"), "o-", color="tab:green")
+    acc.set_ylabel("held-out accuracy")
+    length.plot(*series(rows, "len_mean"), label="mean")
+    length.plot(*series(rows, "len_max"), label="max", alpha=0.6)
+    length.set_ylabel("completion tokens")
+    length.legend()
+    zero.plot(*series(rows, "frac_zero_std"), color="tab:red")
+    zero.set_ylabel("zero-std groups")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
+    p.add_argument("--out", type=Path, help="PNG file (default: beside the metrics file)")
+    args = p.parse_args(argv)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plot.py needs matplotlib: pip install matplotlib")
+    rows = read_metrics(args.metrics)
+    if not rows:
+        raise SystemExit(f"{args.metrics}: no metrics yet")
+    rl = any("reward" in r for r in rows)
+    fig, axes = plt.subplots(4 if rl else 1, 1, figsize=(8, 10 if rl else 4), sharex=True, squeeze=False)
+    plot_rl(axes[:, 0], rows) if rl else plot_sft(axes[0, 0], rows)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle(f"{args.metrics.parent.name or args.metrics.parent.resolve().name}: {'RL' if rl else 'SFT'}")
+    fig.tight_layout()
+    out = args.out or args.metrics.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
