@@ -234,25 +234,29 @@ class Qwen2(nn.Module):
         self.gradient_checkpointing = False
 
     def hidden(self, input_ids, attention_mask=None, cache=None):
-        """Final-normed hidden states (B, T, D). With a cache, input_ids continue what it holds."""
+        """Final-normed hidden states (B, T, D). Without a cache, padded rows are right-padded (data.collate), so
+        plain causal attention is exact at the real tokens. With a cache, input_ids continue what it holds and
+        rows are left-padded (generate.py), which needs an explicit mask."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        mask, real = None, None
-        if attention_mask is None and cache is None:
+        mask, real = None, None  # no mask: plain causal attention, which SDPA runs in its fused kernels
+        if cache is None:
             positions = torch.arange(T, device=x.device).expand(B, T)
+            if attention_mask is not None:
+                if not attention_mask[:, 0].all():
+                    raise ValueError("without a cache, rows must be right-padded (left-padded ones need a KVCache)")
+                if x.device.type == "cpu":
+                    # All but attention on the real tokens only, (N, D): 7% faster QLoRA steps at 14% padding, 1.5%
+                    # slower at 1% (0.5B model, first 6 blocks). On a GPU it would sync with the host at every layer.
+                    real = attention_mask.bool()
+                    x = x[real]
         else:
             new = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
             # Left padding: a row's positions count its real tokens only, so every row starts at 0.
-            positions = (new.cumsum(-1) - 1).clamp(min=0)
-            if cache is None:
-                mask = causal_pad_mask(new, T, 0)
-                # A padded batch (training, validation): all but attention run on the real tokens only, (N, D).
-                real, x = new, x[new]
-            else:
-                positions = positions + cache.next_pos[:B, None]
-                cache.mask[:B, cache.len:cache.len + T] = new
-                cache.next_pos[:B] += new.sum(-1)
-                mask = causal_pad_mask(cache.mask[:B, :cache.len + T], T, cache.len)
+            positions = (new.cumsum(-1) - 1).clamp(min=0) + cache.next_pos[:B, None]
+            cache.mask[:B, cache.len:cache.len + T] = new
+            cache.next_pos[:B] += new.sum(-1)
+            mask = causal_pad_mask(cache.mask[:B, :cache.len + T], T, cache.len)
         cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

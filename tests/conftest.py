@@ -3,6 +3,7 @@ checkpoints saved by `transformers` in the Hugging Face layout. Nothing touches 
 
     python -m pytest            # the fast offline suite
     TINYREASON_REAL_MODEL=/path/to/qwen2-folder python -m pytest -m real
+    python -m pytest -m cuda    # the GPU checks (skipped where torch sees no CUDA device)
 """
 import json
 import os
@@ -42,16 +43,20 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "real: needs TINYREASON_REAL_MODEL (a real Qwen2 checkpoint folder)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (python -m pytest -m cuda)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
 def pytest_collection_modifyitems(config, items):
-    if os.environ.get("TINYREASON_REAL_MODEL"):
-        return
-    skip = pytest.mark.skip(reason="set TINYREASON_REAL_MODEL to a real Qwen2 checkpoint folder")
+    skip = {}
+    if not os.environ.get("TINYREASON_REAL_MODEL"):
+        skip["real"] = pytest.mark.skip(reason="set TINYREASON_REAL_MODEL to a real Qwen2 checkpoint folder")
+    if not torch.cuda.is_available():
+        skip["cuda"] = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "real" in item.keywords:
-            item.add_marker(skip)
+        for marker, mark in skip.items():
+            if marker in item.keywords:
+                item.add_marker(mark)
 
 
 def gsm8k_records(n):

@@ -3,15 +3,19 @@
     python -m pytest tests/test_model.py
 """
 import json
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gsm8k_records
+from conftest import gsm8k_records, make_checkpoint
 
+import data
 import load
+import loop
+import tinyreason
 from generate import generate, left_pad, sample
-from tinyreason import Linear, Qwen2, QwenConfig, matmul_t
+from tinyreason import KVCache, Linear, Qwen2, QwenConfig, matmul_t
 from tokenizer import Tokenizer
 
 
@@ -45,22 +49,40 @@ def test_tied_checkpoint_shares_embedding_and_lm_head(tiny_tied_checkpoint, tiny
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
-def test_left_padded_logits_match_transformers(tiny, tiny_checkpoint):
-    model, tok = tiny
-    ids, mask = left_pad(questions(tok, 3), tok.pad_id)
-    with torch.no_grad():
-        diff = model(ids, mask) - hf_model(tiny_checkpoint)(ids, attention_mask=mask.long()).logits
-    assert diff[mask.bool()].abs().max() < 1e-4
+def right_padded(prompts, pad_id):
+    return data.collate([{"input_ids": p, "labels": p} for p in prompts], pad_id)
 
 
-def test_padding_changes_nothing_for_the_real_tokens(tiny):
+@pytest.mark.parametrize("with_mask", [True, False], ids=["real tokens only", "padded rows"])
+def test_right_padded_rows_get_the_logits_of_each_row_alone(tiny, with_mask):
+    """Right padding (training, RL) needs no attention mask: causal attention keeps real tokens off the padding.
+    With the mask the CPU skips the padding in all but attention; without it every row runs padded, as on a GPU."""
     model, tok = tiny
     prompt = questions(tok, 1)[0]
-    ids, mask = left_pad([prompt, prompt + prompt[:7]], tok.pad_id)
+    prompts = [prompt, prompt[:9]]
+    batch = right_padded(prompts, tok.pad_id)
     with torch.no_grad():
-        alone = model(torch.tensor([prompt]))[0]
-        padded = model(ids, mask)[0, -len(prompt):]
-    assert (alone - padded).abs().max() < 1e-4
+        padded = model(batch["input_ids"], batch["attention_mask"] if with_mask else None)
+        for row, p in enumerate(prompts):
+            assert (padded[row, :len(p)] - model(torch.tensor([p]))[0]).abs().max() < 1e-4
+
+
+def test_left_padded_rows_without_a_cache_are_refused(tiny):
+    model, tok = tiny
+    prompt = questions(tok, 1)[0]
+    ids, mask = left_pad([prompt, prompt[:9]], tok.pad_id)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(ids, mask)
+
+
+def test_left_padded_prefill_in_the_cache_matches_transformers(tiny, tiny_checkpoint):
+    model, tok = tiny
+    ids, mask = left_pad(questions(tok, 3), tok.pad_id)
+    cache = KVCache(model.config, len(ids), ids.shape[1], torch.float32, "cpu")
+    with torch.no_grad():
+        ours = model.lm_head(model.hidden(ids, mask, cache))
+        diff = ours - hf_model(tiny_checkpoint)(ids, attention_mask=mask.long()).logits
+    assert diff[mask].abs().max() < 1e-4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
@@ -114,6 +136,49 @@ def naive_greedy(model, prompt, n, stop):
             break
         ids.append(t)
     return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(tmp_path_factory, tokenizer_dir):
+    """Init std 0.1 instead of 0.02: with 0.02 attention is nearly uniform, so even wrong positions change nothing,
+    and the top two logits are close enough for rounding to swap them."""
+    return make_checkpoint(tmp_path_factory.mktemp("sharp"), tokenizer_dir, tie=False, initializer_range=0.1)
+
+
+@pytest.fixture(scope="module")
+def sharp(sharp_checkpoint):
+    return Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(sharp_checkpoint)
+
+
+def test_left_padded_greedy_equals_each_prompt_alone(sharp):
+    """A short prompt beside a long one sits behind many pads: were they counted in its positions, its prompt and
+    its new tokens would disagree on where they are, and it would continue differently."""
+    model, tok = sharp
+    long = questions(tok, 1)[0]
+    prompts = [long, long[:6], long[:40]]
+    assert generate(model, tok, prompts, 20) == [generate(model, tok, [p], 20)[0] for p in prompts]
+
+
+@pytest.mark.cuda
+def test_fp32_greedy_on_cuda_equals_greedy_on_the_cpu(sharp, sharp_checkpoint):
+    model, tok = sharp
+    prompts = questions(tok, 3)
+    gpu = Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
+    assert generate(gpu, tok, prompts, 24) == generate(model, tok, prompts, 24)
+
+
+@pytest.mark.cuda
+def test_right_padded_rows_on_cuda_get_the_logits_of_each_row_alone(sharp, sharp_checkpoint):
+    _, tok = sharp
+    model = Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
+    prompt = questions(tok, 1)[0]
+    prompts = [prompt, prompt[:9]]
+    batch = {k: v.cuda() for k, v in right_padded(prompts, tok.pad_id).items()}
+    with torch.no_grad():
+        padded = model(batch["input_ids"], batch["attention_mask"])
+        for row, p in enumerate(prompts):
+            alone = model(torch.tensor([p], device="cuda"))[0]
+            torch.testing.assert_close(padded[row, :len(p)], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_cached_greedy_equals_naive_greedy(tiny):
