@@ -40,27 +40,49 @@ def load_records(source: str, split: str = "train") -> list[dict]:
             import datasets
             return list(datasets.load_dataset(source, "main", split=split))
         except Exception as e:  # offline, unknown repo, missing split: all end the same way for the user
-            raise RuntimeError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {e}\n"
-                               "pass --data PATH to a local .jsonl/.json/.parquet file with question/answer fields "
-                               "(GSM8K's train.jsonl from github.com/openai/grade-school-math, for one)") from e
+            raise OSError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {e}\n"
+                          "pass --data PATH to a local .jsonl/.json/.parquet file with question/answer fields "
+                          "(GSM8K's train.jsonl from github.com/openai/grade-school-math, for one)") from e
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix == ".jsonl":
-        with open(path) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-    elif path.suffix == ".json":
-        records = json.loads(path.read_text())
+    if path.suffix in (".jsonl", ".json"):
+        records = read_json_records(path)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
         records = pq.read_table(path).to_pylist()
     else:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
-    if not isinstance(records, list) or not any(isinstance(r, dict) and {"question", "answer"} <= r.keys()
-                                                for r in records):
+    if not any({"question", "answer"} <= r.keys() for r in records):
         raise ValueError(f"{path}: no records with both 'question' and 'answer' fields "
                          f"(expected a list of {{'question': ..., 'answer': ...}} objects)")
     return records
+
+
+def read_json_records(path: Path) -> list[dict]:
+    """The objects of a .jsonl file (one per line) or a .json file (a list); a problem names the file and the line
+    (.jsonl) or the record (.json)."""
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            numbered = [(f"line {n}", parse_json(line, path, n)) for n, line in enumerate(f, 1) if line.strip()]
+    else:
+        records = parse_json(path.read_text(), path)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {json.dumps(records)[:60]}")
+        numbered = [(f"record {i}", r) for i, r in enumerate(records)]
+    for where, record in numbered:
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, {where}: expected an object with 'question' and 'answer', "
+                             f"got {json.dumps(record)[:60]}")
+    return [record for _, record in numbered]
+
+
+def parse_json(text: str, path: Path, line: int = 1):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        jsonl = "; one object per line is a .jsonl file" if path.suffix == ".json" and e.msg == "Extra data" else ""
+        raise ValueError(f"{path}, line {line + e.lineno - 1}: not valid JSON ({e.msg}{jsonl})") from None
 
 
 def split_solution(answer: str) -> tuple[str, str] | None:

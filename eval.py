@@ -22,7 +22,7 @@ DEFAULT_LIMIT = 50  # problems scored when the adapter's run did not record test
 def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
     try:
         records = data.load_records(source, split=split)
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError) as e:
         raise SystemExit(f"--data: {e}")
     records = records[:limit] if limit > 0 else records
     for i, record in enumerate(records):

@@ -104,6 +104,6 @@ def load_from_flags(args, adapter: Path | None) -> tuple[Qwen2, Tokenizer]:
     """load_model for resolved flags; a missing checkpoint ends the script with the flag's name."""
     try:
         resolve_checkpoint(args.model)
-    except (OSError, RuntimeError) as e:
+    except OSError as e:
         raise SystemExit(f"--model: {e}")
     return load_model(args.model, adapter, args.quantize, args.dtype, args.device)

@@ -46,7 +46,8 @@ class QwenConfig:
         if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]:
             raise ValueError(f"{path}: missing {', '.join(missing)}")
         # Settings this decoder does not implement: refuse them rather than compute another model quietly.
-        rope_type = (raw.get("rope_scaling") or raw.get("rope_parameters") or {}).get("rope_type", "default")
+        scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # "type" in older configs
         head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
         unsupported = ([f"rope scaling {rope_type!r}"] if rope_type != "default" else []) + \
             (["use_sliding_window: true"] if raw.get("use_sliding_window") else []) + \
@@ -360,12 +361,13 @@ def resolve_checkpoint(path_or_repo):
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path}: no config.json, this is not a Hugging Face checkpoint folder")
         return path
-    if path.exists() or str(path_or_repo).startswith((".", "/", "~")) or str(path_or_repo).count("/") != 1:
+    # A hub id is "owner/name"; a string whose first folder exists here ("outputs/mdl", "./x", "/x", "~/x") is a path.
+    if str(path_or_repo).count("/") != 1 or Path(str(path_or_repo).split("/")[0]).expanduser().exists():
         raise FileNotFoundError(f"{path_or_repo}: no such model folder (nor a hub repo id like 'Qwen/Qwen2.5-1.5B-Instruct')")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(str(path_or_repo), allow_patterns=[
             "config.json", "model*.safetensors*", "tokenizer.json", "tokenizer_config.json"]))
     except Exception as e:
-        raise RuntimeError(f"could not download {path_or_repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
-                           f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
+        raise OSError(f"could not download {path_or_repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e

@@ -92,6 +92,22 @@ def test_file_without_question_answer_fields_names_the_file(tmp_path):
         data.load_records(str(path))
 
 
+GOOD_LINE = json.dumps({"question": "1 + 1?", "answer": "1 + 1 = 2\n#### 2"})
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("bad.jsonl", f"{GOOD_LINE}\n\n{{'question': 1}}\n", r"bad.jsonl, line 3: not valid JSON"),  # blank lines count
+    ("lines.json", f"{GOOD_LINE}\n{GOOD_LINE}\n", r"lines.json, line 2: not valid JSON .*one object per line"),
+    ("list.jsonl", f"{GOOD_LINE}\n[1, 2]\n", r"list.jsonl, line 2: expected an object .*got \[1, 2\]"),
+    ("strings.json", json.dumps([json.loads(GOOD_LINE), "text"]), r"strings.json, record 1: expected an object"),
+    ("object.json", GOOD_LINE, r"object.json: expected a JSON list of records"),
+])
+def test_a_broken_data_file_is_named_with_its_line(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        data.load_records(str(tmp_path / name))
+
+
 def test_missing_local_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         data.load_records(str(tmp_path / "nope.jsonl"))

@@ -277,12 +277,29 @@ def edit_tensors(folder, fn):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_other_model_types_are_refused(tmp_path, tiny_checkpoint):
-    bad = copy_checkpoint(tiny_checkpoint, tmp_path / "llama")
-    cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported"):
-        QwenConfig.from_json(bad / "config.json")
+def config_with(tmp_path, tiny_checkpoint, **changes):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads((tiny_checkpoint / "config.json").read_text()), **changes}))
+    return path
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear' is not supported"),  # older key
+    ({"use_sliding_window": True, "sliding_window": 32}, "use_sliding_window: true is not supported"),
+    ({"head_dim": 32}, "head_dim 32 != hidden_size / num_attention_heads is not supported"),
+])
+def test_configs_this_decoder_does_not_implement_are_refused_by_name(tmp_path, tiny_checkpoint, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        QwenConfig.from_json(config_with(tmp_path, tiny_checkpoint, **changes))
+
+
+def test_a_sliding_window_size_that_is_not_used_and_default_rope_load(tmp_path, tiny_checkpoint):
+    """Qwen2 configs carry sliding_window with use_sliding_window false; rope_scaling may name the default."""
+    path = config_with(tmp_path, tiny_checkpoint, use_sliding_window=False, sliding_window=4096,
+                       rope_scaling={"rope_type": "default"})
+    assert QwenConfig.from_json(path) == QwenConfig.from_json(tiny_checkpoint / "config.json")
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -309,14 +326,25 @@ def test_missing_folder_and_files_are_named(tmp_path, tiny_checkpoint):
         Qwen2.from_pretrained(bad)
 
 
+def offline(*args, **kwargs):
+    raise ConnectionError("no network")
+
+
 def test_hub_download_failure_tells_the_user_to_pass_a_local_folder(monkeypatch):
     import huggingface_hub
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("no network")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
-    with pytest.raises(RuntimeError, match="--model /path/to/folder"):
+    with pytest.raises(OSError, match="--model /path/to/folder"):
         Qwen2.from_pretrained("Qwen/Qwen2.5-1.5B-Instruct")
+
+
+@pytest.mark.parametrize("name", ["outputs/mdl", "./mdl", "/nowhere/mdl", "~/mdl-nowhere"])
+def test_a_path_that_looks_local_is_not_sent_to_the_hub(tmp_path, monkeypatch, name):
+    import huggingface_hub
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        tinyreason.resolve_checkpoint(name)
 
 
 @pytest.mark.real

@@ -5,12 +5,14 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 from contextlib import nullcontext
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gsm8k_records, make_checkpoint
+from conftest import ROOT, gsm8k_records, make_checkpoint
 from safetensors.torch import load_file
 
 import data
@@ -161,6 +163,14 @@ def test_bad_flags_fail_before_any_loading(flags, message):
 def test_missing_model_folder_fails_before_loading(gsm8k_file, tmp_path):
     with pytest.raises(FileNotFoundError, match="/nonexistent/model"):
         train.main(run_flags("/nonexistent/model", gsm8k_file, tmp_path))
+
+
+def test_offline_train_py_prints_its_message_without_a_traceback(gsm8k_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "nobody/no-such-model", "--data",
+                          str(gsm8k_file)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "could not download nobody/no-such-model" in run.stderr and "Traceback" not in run.stderr
 
 
 @pytest.mark.parametrize("limit, kept", [(1, [4, 10]), (2, [4, 10]), (3, [4, 8, 10]), (9, [2, 4, 6, 8, 10])])
