@@ -19,10 +19,11 @@ def random_linear(d_in=128, d_out=96, bias=True, dtype=torch.float32, device="cp
     return nn.Linear(d_in, d_out, bias=bias).to(device=device, dtype=dtype)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_nf4_linear_equals_bitsandbytes_matmul_4bit_forward_and_backward(dtype):
-    q = to_nf4(random_linear(dtype=dtype))
-    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+def test_nf4_linear_equals_bitsandbytes_matmul_4bit_forward_and_backward(dtype, device):
+    q = to_nf4(random_linear(dtype=dtype, device=device))
+    x = torch.randn(3, 5, 128, dtype=dtype, device=device, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     y, y_ref = q(x), bnb.matmul_4bit(x_ref, q.weight.t(), q.weight.quant_state, bias=q.bias)
     grad = torch.randn_like(y)
@@ -108,9 +109,18 @@ def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint
     assert 1.5 * n_quantized - 4 * n_blocks - 4096 * n_layers <= saved <= 1.5 * n_quantized - n_blocks
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_nf4_on_cuda_quantizes_on_the_gpu_and_matches_the_reference():
-    q = to_nf4(random_linear(dtype=torch.bfloat16, device="cuda"))
-    assert q.weight.device.type == "cuda" and q.weight.dtype == torch.uint8
-    x = torch.randn(4, 128, dtype=torch.bfloat16, device="cuda")
-    torch.testing.assert_close(q(x), F.linear(x, dequantize(q), q.bias), atol=2e-2, rtol=2e-2)
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [1, 16])  # one row: bitsandbytes' fused gemv (decoding)
+@pytest.mark.parametrize("needs_grad", [False, True])  # our own path where an input gradient is needed
+def test_nf4_on_cuda_equals_bitsandbytes_linear4bit(rows, needs_grad):
+    linear = random_linear(dtype=torch.bfloat16)
+    ref = bnb.nn.Linear4bit(128, 96, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    ref.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, blocksize=64,
+                                   compress_statistics=True, quant_type="nf4")
+    ref.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    ref, q = ref.to("cuda"), to_nf4(linear.to("cuda"))  # both quantize on the GPU
+    assert torch.equal(q.weight, ref.weight)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16, device="cuda", requires_grad=needs_grad)
+    with torch.no_grad():
+        expected = ref(x)
+    torch.testing.assert_close(q(x), expected, atol=2e-2, rtol=2e-2)
