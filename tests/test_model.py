@@ -121,6 +121,20 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_computes_in_it(monkeyp
     assert load.resolve_precision("cpu", "auto") == (torch.device("cpu"), auto)
 
 
+@pytest.mark.parametrize("capability, auto", [((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                              ((9, 0), torch.bfloat16)])
+def test_auto_precision_on_cuda_is_bf16_from_compute_capability_8_else_fp16(monkeypatch, capability, auto):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert load.resolve_precision("cuda", "auto") == (torch.device("cuda"), auto)
+
+
+def test_fp16_on_cuda_trains_with_an_enabled_grad_scaler(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # else the scaler disables itself here
+    _, scaler = loop.amp(*load.resolve_precision("cuda", "auto"))
+    assert scaler.is_enabled()
+
+
 def test_asking_for_bf16_on_a_cpu_without_it_warns_and_is_obeyed(monkeypatch):
     monkeypatch.setattr(load, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="--dtype bf16 on a CPU without bf16 instructions"):

@@ -181,9 +181,17 @@ def test_pruning_keeps_the_newest_and_the_best_checkpoint_within_the_limit(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-{s:06d}" for s in kept]
 
 
-def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkpoint, gsm8k_file, tmp_path):
+def skip_without_bf16_gpu(device):
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("bf16 needs compute capability 8.0 (a T4 trains in fp16)")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkpoint, gsm8k_file, tmp_path, device):
+    skip_without_bf16_gpu(device)
     flags = run_flags(learnable_checkpoint, gsm8k_file, tmp_path, "--max_steps", "12", "--warmup_steps", "2",
-                      "--learning_rate", "1e-2", "--eval_steps", "4", "--save_steps", "4", "--save_total_limit", "1")
+                      "--learning_rate", "1e-2", "--eval_steps", "4", "--save_steps", "4", "--save_total_limit", "1",
+                      "--device", device)
     state = train.main(flags + ["--dtype", "bf16"])  # the recipe's path: NF4 base, bf16 autocast
     losses = state["train_losses"]
     assert sum(losses[s] for s in (10, 11, 12)) < sum(losses[s] for s in (1, 2, 3)) - 3 * 0.2
@@ -195,7 +203,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkp
     adapter = tmp_path / "adapter"
     # experiment_config.json is the resolved config: feeding it back reproduces the run's settings.
     assert train.parse_config(["--config", str(adapter / "experiment_config.json")]) == \
-        train.parse_config(flags + ["--dtype", "bf16", "--device", "cpu", "--optim", "adamw"])
+        train.parse_config(flags + ["--dtype", "bf16", "--optim", loop.resolve_optim("auto", torch.device(device))])
     saved, best_saved = adapter_tensors(adapter), adapter_tensors(tmp_path / f"checkpoint-{best:06d}")
     assert all(t.dtype == torch.float32 for t in saved.values())  # LoRA weights stay fp32 under bf16 autocast
     assert saved.keys() == best_saved.keys() and all(torch.equal(t, best_saved[k]) for k, t in saved.items())
@@ -203,9 +211,11 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkp
     assert all(torch.equal(p, saved[k]) for k, p in lora.lora_state_dict(model).items())
 
 
+# The RNG and 8-bit states must round-trip too. bitsandbytes keeps 32-bit states for tensors under 4096 values:
+# rank 64 makes the adapters' A (64 x 64 and up) and most B 8-bit.
 RESUME_RUN = ("--max_steps", "6", "--warmup_steps", "2", "--learning_rate", "5e-3", "--eval_steps", "2",
-              "--save_steps", "6", "--dtype", "fp32",
-              "--lora_dropout", "0.1", "--optim", "adamw_8bit")  # the RNG and 8-bit states must round-trip too
+              "--save_steps", "6", "--dtype", "fp32", "--lora_dropout", "0.1", "--optim", "adamw_8bit",
+              "--lora_r", "64")
 
 
 @pytest.fixture(scope="module")
@@ -228,9 +238,7 @@ def test_ctrl_c_inside_a_step_resumes_bit_identical_to_an_uninterrupted_run(tiny
         monkeypatch.setattr(train, "compute_loss", lambda *a: (torch.is_grad_enabled() and calls.append(1),
                                                                len(calls) == 5 and ctrl_c(), compute_loss(*a))[-1])
     else:
-        optimizer_step = loop.optimizer_step
-        monkeypatch.setattr(loop, "optimizer_step", lambda *a: (optimizer_step(*a), calls.append(1),
-                                                                len(calls) == 3 and ctrl_c())[0])
+        interrupt_after_optimizer_step(monkeypatch, 3)
     with pytest.raises(SystemExit):
         train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path, *RESUME_RUN))
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000003"]  # the step it was inside
@@ -257,10 +265,44 @@ def test_checkpoint_state_loads_without_running_pickled_code(straight_run):
     _, out = straight_run
     state = torch.load(out / "checkpoint-000006" / "training_state.pt", weights_only=True)
     assert state["state"]["step"] == 6 and set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert uint8_optimizer_states(state)
 
 
+def uint8_optimizer_states(training_state):
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in training_state["optimizer"]["state"].values()]
+    return [t for s in states for t in s.values() if torch.is_tensor(t) and t.dtype == torch.uint8]
+
+
+def interrupt_after_optimizer_step(monkeypatch, n):
+    optimizer_step, calls = loop.optimizer_step, []
+    monkeypatch.setattr(loop, "optimizer_step", lambda *a: (optimizer_step(*a), calls.append(1),
+                                                            len(calls) == n and ctrl_c())[0])
+
+
+@pytest.mark.cuda
+def test_8bit_adamw_run_on_cuda_stopped_and_resumed_ends_where_an_uninterrupted_one_does(tiny_checkpoint, gsm8k_file,
+                                                                                       tmp_path, monkeypatch):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    flags = (*RESUME_RUN, "--device", "cuda")
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels' backward may add in any order: like with like
+        straight = train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "straight", *flags))
+        interrupt_after_optimizer_step(monkeypatch, 3)
+        with pytest.raises(SystemExit):
+            train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path / "resumed", *flags))
+        monkeypatch.undo()
+        saved = tmp_path / "resumed" / "checkpoint-000003"
+        assert uint8_optimizer_states(torch.load(saved / "training_state.pt", weights_only=True))
+        resumed = train.main(["--resume", "--output_dir", str(tmp_path / "resumed")])
+    assert resumed["train_losses"] == pytest.approx(straight["train_losses"], rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "straight" / "adapter"), adapter_tensors(tmp_path / "resumed" / "adapter")
+    assert a.keys() == b.keys() and all(b[k].device.type == "cpu" for k in b)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", "fp32"), pytest.param("cuda", "fp16", marks=pytest.mark.cuda)])
 def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, gsm8k_file, tmp_path, monkeypatch,
-                                                              capsys):
+                                                              capsys, device, dtype):
     compute_loss = train.compute_loss
     calls = []
 
@@ -270,7 +312,7 @@ def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, 
         return (loss * float("inf") if len(calls) == 1 else loss), n
     monkeypatch.setattr(train, "compute_loss", inf_on_first_micro_batch)
     train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path, "--max_steps", "2", "--warmup_steps", "1",
-                         "--dtype", "fp32", "--validation_split", "0", "--save_steps", "2"))
+                         "--device", device, "--dtype", dtype, "--validation_split", "0", "--save_steps", "2"))
     assert "step 1: non-finite gradient norm, update skipped" in capsys.readouterr().out
     saved = adapter_tensors(tmp_path / "adapter")
     assert all(torch.isfinite(t).all() for t in saved.values())
