@@ -161,8 +161,8 @@ def lockstep(names, cfg, n_items):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for name, value in asdict(BenchConfig()).items():
-        if isinstance(value, bool):
-            p.add_argument(f"--{name}", action="store_true")
+        if isinstance(value, bool):  # --no_peer or --no-peer
+            p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", action="store_true")
         else:
             p.add_argument(f"--{name}", type=type(value), default=value)
     p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)

@@ -150,6 +150,23 @@ def test_eval_reports_and_writes_one_line_per_problem(tiny_checkpoint, gsm_file,
         assert label in report
 
 
+def test_a_right_answer_in_the_trained_format_is_scored_correct_end_to_end(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                            capsys):
+    natalia = next(r for r in gsm8k_records(5) if r["answer"].endswith("#### 72"))
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(natalia) + "\n")
+    answer = "<think>\nx\n</think>\n\n**Final Answer:** 72"
+    ids = Tokenizer.from_pretrained(tiny_checkpoint).encode(answer)
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **kw: [ids for _ in prompts])
+    out = tmp_path / "preds.jsonl"
+    lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", path,
+                     "--limit", 0, "--out", out)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["output"] == answer and row["normalized"] == row["gold"] == "72"
+    assert row["correct"] is True and row["compliant"] is True
+    assert lines[-1] == "accuracy: 1.0000 (1/1)"
+
+
 def test_batched_sorted_eval_keeps_each_output_with_its_problem(tiny_checkpoint, gsm_file, tmp_path, monkeypatch,
                                                                 capsys):
     out = tmp_path / "preds.jsonl"

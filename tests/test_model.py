@@ -246,6 +246,15 @@ def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny):
     assert sample(logits, 0.0, 1.0).item() == 1
 
 
+def test_sampling_at_temperature_half_draws_from_softmax_of_twice_the_logits():
+    torch.manual_seed(0)
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    draws = sample(logits.expand(20_000, 4), temperature=0.5, top_p=1.0)
+    freq = torch.bincount(draws, minlength=4) / len(draws)
+    # softmax(z / 0.5) is [0.002, 0.016, 0.117, 0.865]; at T = 1 it would be [0.032, 0.087, 0.237, 0.644].
+    torch.testing.assert_close(freq, torch.softmax(logits / 0.5, -1), atol=0.01, rtol=0)
+
+
 @pytest.mark.parametrize("messages", [
     [{"role": "system", "content": "You are a helpful assistant that solves math problems step-by-step."},
      {"role": "user", "content": "What is 6 × 7?"}],
