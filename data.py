@@ -24,6 +24,10 @@ import torch
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step-by-step."
 BOXED_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # Qwen2.5-Math's prompt
+ANSWER_TAGS_SYSTEM = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+                      "The assistant first thinks about the reasoning process in the mind and then provides the user "
+                      "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+                      "<answer> </answer> tags, respectively.")  # the Infused Phi-2 recipe's system prompt
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 ANNOTATION = re.compile(r"<<.*?>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
@@ -121,9 +125,12 @@ def prompt_messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
 
 def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str = SYSTEM_PROMPT) -> list[int]:
     """The prompt of a prompt style: `tinyreason` is exactly the training prompt; `boxed` is Qwen's math prompt
-    with no system turn (the template adds Qwen's default one, as in Qwen's own math evals)."""
+    with no system turn (the template adds Qwen's default one, as in Qwen's own math evals); `answer_tags` is the
+    Infused Phi-2 recipe's system prompt."""
     if style == "boxed":
         return tokenizer.apply_chat([{"role": "user", "content": question + BOXED_SUFFIX}])
+    if style == "answer_tags":
+        return tokenizer.apply_chat(prompt_messages(question, ANSWER_TAGS_SYSTEM))
     return tokenizer.apply_chat(prompt_messages(question, system))
 
 

@@ -10,6 +10,7 @@ import re
 NUMBER = r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)"  # "-5" but not the "-3" of "16-3"
 NUMBER_RE = re.compile(rf"({NUMBER})(?:\s*/\s*({NUMBER}))?")  # an optional "/denominator" makes a simple fraction
 THOUSANDS_RE = re.compile(r"(?<=\d)[,\u00a0\u2009\u202f]\s?(?=\d{3}(?!\d))")  # "1,200", "1, 200", thin spaces
+SPACED_THOUSANDS_RE = re.compile(r"(?<=\d)(?<!\d{4}) (?=\d{3}(?!\d))")  # "1 200" in an answer span, not "12345 678"
 WORD_VALUES = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve "
                                            "thirteen fourteen fifteen sixteen seventeen eighteen nineteen".split())}
 WORD_VALUES |= {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), 2)}
@@ -121,7 +122,8 @@ def normalize(answer: str | None) -> str:
     if answer is None:
         return ""
     text = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", answer.lower().replace("\u2212", "-"))
-    text = THOUSANDS_RE.sub("", re.sub(r"[$€£¥₹]", "", text))
+    # A plain space groups thousands only inside an answer span: in reasoning, "step 2 100 more" is two numbers.
+    text = SPACED_THOUSANDS_RE.sub("", THOUSANDS_RE.sub("", re.sub(r"[$€£¥₹]", "", text)))
     # Digits first, so "each one costs 5" reads 5; words only when there are no digits at all ("seven").
     match = NUMBER_RE.search(text) or NUMBER_RE.search(text := words_to_digits(text))
     if match is None:

@@ -20,11 +20,52 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import lora
 
-log = tqdm.write  # prints above the progress bar
+RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun), set by init_distributed
+
+
+def log(message: str):
+    """Print above the progress bar, from rank 0 only."""
+    if RANK == 0:
+        tqdm.write(message)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Under torchrun (its RANK, WORLD_SIZE and LOCAL_RANK variables) join the process group, NCCL on GPUs and gloo
+    on CPUs, one GPU per process; alone, rank 0 of 1. Each process holds the whole (NF4) model; only the LoRA
+    gradients travel, summed by one all_reduce per optimizer step (sum_gradients)."""
+    global RANK, WORLD
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    return RANK, WORLD
+
+
+def all_ranks_sum(*values: float, op=dist.ReduceOp.SUM) -> list[float]:
+    """The sums (or another reduction) over all processes of a few numbers (themselves when alone)."""
+    if WORLD == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op)
+    return t.tolist()
+
+
+def sum_gradients(params):
+    """Sum each gradient over all processes in one flat all_reduce. Every process scaled its loss by the whole
+    step's normalizer, so the sum is the gradient one process would get from the whole step."""
+    if WORLD == 1:
+        return
+    grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]  # a process with no sample
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(g)
 
 
 def parse_config(cls, argv=None, fixed_on_resume=(), description=None):
@@ -151,8 +192,10 @@ def save_or_stop(checkpoints, stop: StopAtStepBoundary, due: bool, script: str, 
                  state: dict, cfg, scores: dict):
     """At the end of a step: save a checkpoint when one is due or Ctrl-C asked to stop; then stop, with the command
     that continues the run."""
+    stop.requested = all_ranks_sum(stop.requested)[0] > 0  # every process stops after the same step
     if due or stop.requested:
-        log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, scores)}")
+        path = checkpoints.save(model, optimizer, scaler, state, cfg, scores)
+        log(f"saved {path}")
     if stop.requested:
         log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir {cfg.output_dir}")
         raise SystemExit(130)
@@ -164,12 +207,13 @@ class Metrics:
     past its checkpoint's step, so the file never holds a step twice."""
 
     def __init__(self, cfg, resumed_step: int = 0):
-        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.path, self.report = Path(cfg.output_dir) / "metrics.jsonl", None
+        if RANK != 0:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             lines = self.path.read_text().splitlines()
             self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= resumed_step))
-        self.report = None
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.report = SummaryWriter(Path(cfg.output_dir) / "tensorboard").add_scalar
@@ -179,6 +223,8 @@ class Metrics:
             self.report = lambda key, value, step: wandb.log({key: value}, step=step)
 
     def log(self, step: int, **figures):
+        if RANK != 0:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": step, "time": round(time.time(), 3), **figures}) + "\n")
         for key, value in figures.items():
@@ -248,15 +294,26 @@ class Checkpoints:
         return (max if self.maximize else min)(scored, key=scores.get)
 
     def save(self, model, optimizer, scaler, state: dict, cfg, scores: dict[int, float]) -> Path:
+        """Called by every process: each one's RNG states are kept (rank 0 writes), so a resume with the same
+        number of processes is exact."""
         final = self.dir / f"checkpoint-{state['step']:06d}"
+        rngs = [rng_state()]
+        if WORLD > 1:
+            rngs = [None] * WORLD
+            dist.all_gather_object(rngs, rng_state())
+        if RANK != 0:
+            dist.barrier()  # until rank 0 has written it
+            return final
         tmp = final.with_name(".tmp-" + final.name)
         shutil.rmtree(tmp, ignore_errors=True)
         lora.save_adapter(model, tmp, cfg.model)
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                    "rng": rng_state()}, tmp / "training_state.pt")
+                    "rng": rngs}, tmp / "training_state.pt")
         save_config(cfg, tmp / "experiment_config.json")
         replace_folder(tmp, final)
         self.prune(scores)
+        if WORLD > 1:
+            dist.barrier()
         return final
 
     def prune(self, scores: dict[int, float]):
@@ -269,6 +326,8 @@ class Checkpoints:
     def export_best(self, adapter_path, cfg, scores: dict[int, float]) -> int:
         """Copy the best checkpoint's adapter to adapter_path, with the run's resolved config."""
         step = self.best(scores)
+        if RANK != 0:
+            return step
         out = Path(adapter_path)
         tmp = out.with_name(".tmp-" + out.name)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,7 +342,9 @@ def load_training_state(folder: Path, optimizer, scaler) -> dict:
     saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])  # moves the states to the parameters' device
     scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"])
+    if len(saved["rng"]) != WORLD:
+        raise ValueError(f"{folder} was saved by {len(saved['rng'])} processes: resume it with as many, not {WORLD}")
+    set_rng_state(saved["rng"][RANK])
     return saved["state"]
 
 

@@ -47,6 +47,7 @@ PRESETS = {
     "infused": dict(advantage="none", eps_high=0.2, loss_agg="seq", ppo_epochs=1, beta=0.0, zero_std="keep",
                     reward_weights="1.0,0.3,0.7", format="answer_tags", temperature=0.8, group_size=3),
 }
+PARTS = ("reward", "correct", "format", "reasoning")
 COMMON = dict(length_penalty=0.0, reward_weights="1.0,0.1,0.0", format="tinyreason", temperature=1.0, group_size=8)
 FIXED_ON_RESUME = ("model", "adapter", "data", "algo", "format", "group_size", "prompts_per_step", "eval_samples",
                    "quantize", "lora_r", "lora_alpha", "seed")
@@ -155,9 +156,8 @@ def question_indices(n: int, per_step: int, seed: int, position: tuple[int, int]
 def compute_rewards(texts, completions, golds, stopped, cfg) -> dict[str, torch.Tensor]:
     """Reward parts per completion (N,) and their weighted sum under "reward"."""
     parts = [grade.rewards(t, g, cfg.format, s) for t, g, s in zip(texts, golds, stopped)]
-    out = {k: torch.tensor([p[k] for p in parts]) for k in ("correct", "format", "reasoning")}
-    weights = [float(w) for w in cfg.reward_weights.split(",")]
-    out["reward"] = sum(w * out[k] for w, k in zip(weights, ("correct", "format", "reasoning")))
+    out = {k: torch.tensor([p[k] for p in parts]) for k in PARTS[1:]}
+    out["reward"] = sum(float(w) * out[k] for w, k in zip(cfg.reward_weights.split(","), PARTS[1:]))
     return out
 
 
@@ -174,12 +174,13 @@ def advantages(rewards, lengths, kind: str, length_penalty: float = 0.0, eps: fl
     return adv, rewards.std(1) == 0
 
 
-def token_weights(lengths, active, loss_agg: str, max_new_tokens: int):
+def token_weights(lengths, active, loss_agg: str, max_new_tokens: int, totals=None):
     """The normalizer 1/D of each completion's tokens (N,), for the whole step: token, 1 / all active tokens;
-    seq, 1 / (N_active · |o_i|); const, 1 / (N_active · max_new_tokens). Inactive completions weigh 0."""
-    n_seq = active.sum().clamp(min=1)
-    D = {"token": lengths[active].sum().clamp(min=1), "seq": n_seq * lengths.clamp(min=1),
-         "const": n_seq * max_new_tokens}[loss_agg]
+    seq, 1 / (N_active · |o_i|); const, 1 / (N_active · max_new_tokens). Inactive completions weigh 0. `totals`:
+    (N_active, active tokens) of the whole step when it spans several processes, else counted here."""
+    n_seq, n_tokens = totals or (int(active.sum()), int(lengths[active].sum()))
+    D = {"token": torch.tensor(max(n_tokens, 1)), "seq": max(n_seq, 1) * lengths.clamp(min=1),
+         "const": torch.tensor(max(n_seq, 1) * max_new_tokens)}[loss_agg]
     return torch.where(active, 1 / D.float(), 0.0)
 
 
@@ -247,7 +248,6 @@ def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast
     prompts, completions, adv, w = batch["prompts"], batch["completions"], batch["adv"], batch["weight"]
     old, ref = batch.get("old"), batch.get("ref")
     stats = dict(clip_low=0.0, clip_high=0.0, kl=0.0, ratio=0.0)
-    n_tokens = sum(map(len, completions)) * cfg.ppo_epochs
     for _ in range(cfg.ppo_epochs):
         for i in range(0, len(prompts), cfg.micro_batch_size):
             rows = slice(i, i + cfg.micro_batch_size)
@@ -266,8 +266,10 @@ def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast
             stats["clip_low"] += float(((ratio < 1 - cfg.eps_low) & (a < 0)).sum())
             stats["clip_high"] += float(((ratio > 1 + cfg.eps_high) & (a > 0)).sum())
             stats["ratio"] += float(ratio.detach().sum())
-        stats["grad_norm"] = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
-    return {k: v / n_tokens if k != "grad_norm" else v for k, v in stats.items()}
+        loop.sum_gradients(params)
+        grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
+    *sums, n_tokens = loop.all_ranks_sum(*stats.values(), sum(map(len, completions)) * cfg.ppo_epochs)
+    return {**{k: v / max(n_tokens, 1) for k, v in zip(stats, sums)}, "grad_norm": grad_norm}
 
 
 def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors, cfg, step, device, autocast, lr):
@@ -294,21 +296,23 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     t_gen, t1 = time.time() - t0, time.time()
 
     keep = active.nonzero().squeeze(1).tolist()  # only what trains is forwarded again
+    totals = loop.all_ranks_sum(len(keep), int(lengths[active].sum()))  # the step's, over all processes
     batch = {"prompts": [prompts[i // G] for i in keep], "completions": [completions[i] for i in keep],
-             "adv": adv.flatten()[keep], "weight": token_weights(lengths, active, cfg.loss_agg, cfg.max_new_tokens)[keep]}
+             "adv": adv.flatten()[keep],
+             "weight": token_weights(lengths, active, cfg.loss_agg, cfg.max_new_tokens, totals)[keep]}
     if keep and cfg.ppo_epochs > 1:
         batch["old"] = frozen_logprobs(model, batch["prompts"], batch["completions"], cfg, device, autocast)
     if keep and cfg.beta:
         with adapter_swapped(model, ref_tensors):
             batch["ref"] = frozen_logprobs(model, batch["prompts"], batch["completions"], cfg, device, autocast)
     t_ref, t2 = time.time() - t1, time.time()
-    update = (policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) if keep else
-              dict(clip_low=0.0, clip_high=0.0, kl=0.0, ratio=1.0, grad_norm=0.0))
-    stats = dict(reward=float(r["reward"].mean()), correct=float(r["correct"].mean()), format=float(r["format"].mean()),
-                 reasoning=float(r["reasoning"].mean()), frac_zero_std=float(zero_std.float().mean()),
-                 len_mean=float(lengths.float().mean()), len_max=int(lengths.max()),
-                 truncated=1 - sum(stopped) / len(stopped), **update, lr=lr,
-                 t_gen=t_gen, t_ref=t_ref, t_update=time.time() - t2)
+    update = (policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) if totals[0] else
+              dict(clip_low=0.0, clip_high=0.0, kl=0.0, ratio=1.0, grad_norm=0.0))  # every group had equal rewards
+    n, *sums = loop.all_ranks_sum(len(completions), *(float(r[k].sum()) for k in PARTS), float(lengths.sum()),
+                                  len(completions) - sum(stopped), float(zero_std.sum()) * G)
+    stats = dict(zip((*PARTS, "len_mean", "truncated", "frac_zero_std"), (s / n for s in sums)))
+    stats |= dict(len_max=int(loop.all_ranks_sum(int(lengths.max()), op=loop.dist.ReduceOp.MAX)[0]), **update, lr=lr,
+                  t_gen=t_gen, t_ref=t_ref, t_update=time.time() - t2)
     return stats, texts[0]
 
 
@@ -316,7 +320,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
 def held_out_accuracy(model, tokenizer, records, cfg, batch_size=16) -> tuple[float, float]:
     """Greedy accuracy and strict-format rate on held-out questions, read by the rewards' own grader."""
     model.eval()
-    parts = []
+    parts, records = [], records[loop.RANK::loop.WORLD]  # this process's share
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in chunk]
@@ -324,7 +328,8 @@ def held_out_accuracy(model, tokenizer, records, cfg, batch_size=16) -> tuple[fl
             stopped = bool(c) and c[-1] in (tokenizer.im_end_id, tokenizer.pad_id)
             parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped))
     model.train()
-    return sum(p["correct"] for p in parts) / len(parts), sum(p["format"] for p in parts) / len(parts)
+    correct, fmt, n = loop.all_ranks_sum(sum(p["correct"] for p in parts), sum(p["format"] for p in parts), len(parts))
+    return correct / n, fmt / n
 
 
 def reference_tensors(model, cfg) -> dict:
@@ -370,6 +375,9 @@ def setup(cfg: RLConfig):
 def main(argv=None) -> dict:
     cfg = parse_config(argv)
     check_config(cfg)
+    rank, world = loop.init_distributed()
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts_per_step {cfg.prompts_per_step} must split evenly over {world} processes")
     loop.seed_everything(cfg.seed)
     model, tokenizer, train_q, eval_q, params, optimizer, device, dtype = setup(cfg)
     ref_tensors = reference_tensors(model, cfg) if cfg.beta else None
@@ -380,11 +388,11 @@ def main(argv=None) -> dict:
         log(f"resumed from {cfg.resume} at step {state['step']}")
     checkpoints = loop.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize=True)
     metrics = loop.Metrics(cfg, state["step"])
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="rl", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="rl", dynamic_ncols=True, disable=rank != 0)
     with loop.StopAtStepBoundary() as stop:
         for step in range(state["step"], cfg.max_steps):
             picked, position = question_indices(len(train_q), cfg.prompts_per_step, cfg.seed, state["position"])
-            s, sample = rl_step(model, tokenizer, optimizer, scaler, params, [train_q[i] for i in picked],
+            s, sample = rl_step(model, tokenizer, optimizer, scaler, params, [train_q[i] for i in picked[rank::world]],
                                 ref_tensors, cfg, step, device, autocast, loop.get_lr(step, cfg))
             state.update(step=step + 1, position=position)
             state["rewards"][step + 1] = s["reward"]

@@ -105,9 +105,15 @@ def compute_loss(model, batch) -> tuple[torch.Tensor, int]:
     return -token_logprobs(model, hidden, labels[is_target]).sum(), int(is_target.sum())
 
 
-def accumulate_gradients(model, micro_batches, autocast, scaler) -> tuple[float, int]:
-    """Backward over one optimizer step's micro-batches; returns the step's mean token loss and token count."""
-    n_targets = sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+def count_targets(micro_batches) -> int:
+    return sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+
+
+def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None) -> tuple[float, int]:
+    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count
+    (under torchrun the step spans every process: n_targets is then all of theirs). Returns these micro-batches'
+    part of the step's mean token loss, and the count."""
+    n_targets = n_targets or count_targets(micro_batches)
     if n_targets == 0:
         raise ValueError("a training step has no target tokens: every label is masked")
     total = 0.0
@@ -123,14 +129,15 @@ def accumulate_gradients(model, micro_batches, autocast, scaler) -> tuple[float,
 def evaluate(model, examples, batch_size, autocast, pad_id, device) -> float:
     """Mean token loss over `examples`, in batches of similar length."""
     model.eval()
-    order = sorted(examples, key=lambda ex: len(ex["input_ids"]))
+    order = sorted(examples, key=lambda ex: len(ex["input_ids"]))[loop.RANK::loop.WORLD]  # this process's share
     total, n = 0.0, 0
-    for i in tqdm(range(0, len(order), batch_size), desc="validation", leave=False):
+    for i in tqdm(range(0, len(order), batch_size), desc="validation", leave=False, disable=loop.RANK != 0):
         batch = {k: v.to(device) for k, v in collate(order[i:i + batch_size], pad_id).items()}
         with autocast:
             loss_sum, n_batch = compute_loss(model, batch)
         total, n = total + float(loss_sum), n + n_batch
     model.train()
+    total, n = loop.all_ranks_sum(total, n)
     return total / n
 
 
@@ -158,6 +165,7 @@ def setup(cfg: TrainConfig):
 def main(argv=None) -> dict:
     cfg = parse_config(argv)
     check_config(cfg)
+    rank, world = loop.init_distributed()
     resolve_checkpoint(cfg.model)  # a wrong --model fails here, before data and weights load
     loop.seed_everything(cfg.seed)
     tokenizer, train_set, val_set, model, params, optimizer, device, dtype = setup(cfg)
@@ -169,16 +177,19 @@ def main(argv=None) -> dict:
     checkpoints = loop.Checkpoints(cfg.output_dir, cfg.save_total_limit)
     metrics = loop.Metrics(cfg, state["step"])
 
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", dynamic_ncols=True, disable=rank != 0)
     tokens, train_time, window = 0, 0.0, []
     with loop.StopAtStepBoundary() as stop:
         for step in range(state["step"], cfg.max_steps):
             t0, lr = time.time(), loop.get_lr(step, cfg)
-            micro_batches, position = step_batches(train_set, cfg.batch_size, cfg.gradient_accumulation_steps,
-                                                   cfg.seed, state["position"], tokenizer.pad_id)
+            accum = cfg.gradient_accumulation_steps  # per process: a step is accum * world micro-batches
+            micro_batches, position = step_batches(train_set, cfg.batch_size, accum * world, cfg.seed,
+                                                   state["position"], tokenizer.pad_id)
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches]
-            loss, _ = accumulate_gradients(model, micro_batches, autocast, scaler)
+            mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
+            loss, _ = accumulate_gradients(model, mine, autocast, scaler, count_targets(micro_batches))
+            loss = loop.all_ranks_sum(loss)[0]
+            loop.sum_gradients(params)
             grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
             if not np.isfinite(grad_norm):  # fp16 overflow: the scaler skipped the update
                 log(f"step {step + 1}: non-finite gradient norm, update skipped")

@@ -31,6 +31,10 @@ from tokenizer import Tokenizer
     ("two thousand five hundred", "2500"),
     ("$350", "350"),
     ("$1,200.00", "1200"),
+    ("1 200", "1200"),                   # a space groups thousands in an answer span
+    ("$1 200 000", "1200000"),
+    ("12345 678", "12345"),              # but not after four digits
+    ("3 apples", "3"),
     ("€1.5", "1.5"),
     ("15 meters", "15"),
     ("3/4", "0.75"),

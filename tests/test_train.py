@@ -264,7 +264,7 @@ def test_resume_refuses_a_change_that_makes_another_run_and_allows_more_steps(ti
 def test_checkpoint_state_loads_without_running_pickled_code(straight_run):
     _, out = straight_run
     state = torch.load(out / "checkpoint-000006" / "training_state.pt", weights_only=True)
-    assert state["state"]["step"] == 6 and set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert state["state"]["step"] == 6 and [set(r) for r in state["rng"]] == [{"python", "numpy", "torch", "cuda"}]
     assert uint8_optimizer_states(state)
 
 
