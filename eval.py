@@ -41,6 +41,25 @@ def score(record: dict, output: str, style: str) -> dict:
                 correct=is_correct(pred, gold), compliant=is_compliant(output, style))
 
 
+def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
+    """Accuracy with its interval, format compliance, the length distribution and five wrong answers beside the
+    gold: what a person checks first."""
+    n, k = len(rows), sum(r["correct"] for r in rows)
+    lo, hi = wilson(k, n)
+    lengths = sorted(r["tokens"] for r in rows)
+    lines = [f"# GSM8K evaluation: {title}", "",
+             f"- accuracy: **{k / n:.3f}** ({k}/{n}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
+             f"- format compliance: {sum(r['compliant'] for r in rows) / n:.3f}",
+             f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, max {lengths[-1]}; "
+             f"{sum(t >= max_new_tokens for t in lengths)} of {n} cut at --max_new_tokens {max_new_tokens}", "",
+             "| question | gold | read as | end of the answer |", "|---|---|---|---|"]
+    for r in [r for r in rows if not r["correct"]][:5]:
+        question, read, end = (" ".join(str(t).split()).replace("|", "\\|") for t in
+                               (r["question"][:160], r["normalized"], r["output"][-200:]))  # one table row each
+        lines.append(f"| {question} | {r['gold']} | {read} | {end} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_flags(p)
@@ -52,6 +71,7 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--prompt_style", choices=("tinyreason", "boxed"), default="tinyreason")
     p.add_argument("--out", help="one JSON line per problem (default: preds.jsonl in the adapter folder, or outputs/)")
+    p.add_argument("--report", help="also write a short Markdown report to this file")
     args = p.parse_args()
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
@@ -78,7 +98,7 @@ def main():
                            on_token=lambda row, token: tokens.update())
         seconds += time.perf_counter() - t0
         for i, ids in zip(batch, new_ids):
-            rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style)
+            rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style) | {"tokens": len(ids)}
             n_tokens += len(ids)
         done = order[: start + len(batch)]
         bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
@@ -96,6 +116,10 @@ def main():
     print(f"mean generated tokens: {n_tokens / n:.1f}")
     print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")
     print(f"predictions: {out}")
+    if args.report:
+        Path(args.report).write_text(markdown_report(rows, f"{args.model} + {adapter}, {args.prompt_style} prompts, "
+                                                           f"{args.data} ({args.split})", args.max_new_tokens))
+        print(f"report: {args.report}")
     print(f"accuracy: {k / n:.4f} ({k}/{n})")
 
 

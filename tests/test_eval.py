@@ -154,6 +154,16 @@ def test_eval_reports_and_writes_one_line_per_problem(tiny_checkpoint, gsm_file,
         assert label in report
 
 
+def test_markdown_report_gives_the_interval_lengths_and_wrong_answers_beside_the_gold():
+    rows = [dict(question=f"Q{i} | how many?", gold=str(i), output=f"<think>\nx\n</think>\n\n**Final Answer:** {i + i % 2}",
+                 normalized=str(i + i % 2), correct=i % 2 == 0, compliant=True, tokens=10 * i) for i in range(1, 9)]
+    report = ev.markdown_report(rows, "tiny", max_new_tokens=80)
+    assert "accuracy: **0.500** (4/8), 95% Wilson interval [0.215, 0.785]" in report
+    assert "median 50, 90th percentile 70, max 80; 1 of 8 cut at --max_new_tokens 80" in report
+    wrong = [line for line in report.splitlines() if line.startswith("| Q")]
+    assert len(wrong) == 4 and wrong[0].startswith("| Q1 \\| how many? | 1 | 2 |")  # a | in the text stays one cell
+
+
 def test_a_right_answer_in_the_trained_format_is_scored_correct_end_to_end(tiny_checkpoint, tmp_path, monkeypatch,
                                                                             capsys):
     natalia = next(r for r in gsm8k_records(5) if r["answer"].endswith("#### 72"))
