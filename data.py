@@ -106,6 +106,8 @@ def format_example(record: dict) -> tuple[str, str] | None:
     question, answer = record.get("question"), record.get("answer")
     if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
         return None
+    if "assistant" in record:  # a ready trajectory (distill.py) is trained as it is; an empty one is skipped
+        return (question.strip(), record["assistant"]) if record["assistant"] else None
     parts = split_solution(answer)
     if parts is None:
         return None

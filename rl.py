@@ -18,6 +18,7 @@ One step (the formulas and their sources are in the README's RL section):
 """
 import json
 import random
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -49,8 +50,8 @@ PRESETS = {
 }
 PARTS = ("reward", "correct", "format", "reasoning")
 COMMON = dict(length_penalty=0.0, reward_weights="1.0,0.1,0.0", format="tinyreason", temperature=1.0, group_size=8)
-FIXED_ON_RESUME = ("model", "adapter", "data", "algo", "format", "group_size", "prompts_per_step", "eval_samples",
-                   "quantize", "lora_r", "lora_alpha", "seed")
+FIXED_ON_RESUME = ("model", "adapter", "data", "zone", "algo", "format", "group_size", "prompts_per_step",
+                   "eval_samples", "quantize", "lora_r", "lora_alpha", "seed")
 
 
 @dataclass
@@ -89,6 +90,7 @@ class RLConfig:
     gradient_checkpointing: bool = True
     eval_steps: int = 25  # held-out greedy accuracy every this many steps (and at the end)
     eval_samples: int = 64  # the last records of --data, never trained on
+    zone: str = ""  # "2,5": train only on questions distill.py found n_correct in [2, 5] (the learnable zone)
     save_steps: int = 25
     save_total_limit: int = 2  # newest checkpoints kept; the best by held-out accuracy is never deleted
     logging_steps: int = 5  # a log line every step; a sample completion every this many steps
@@ -126,6 +128,8 @@ def check_config(cfg: RLConfig):
         assert len(weights) == 3
     except (ValueError, AssertionError):
         problems.append(f"--reward_weights {cfg.reward_weights!r}: expected three numbers, e.g. 1.0,0.1,0.0")
+    if cfg.zone and not re.fullmatch(r"\d+,\d+", cfg.zone):
+        problems.append(f"--zone {cfg.zone!r}: expected two counts, e.g. 2,5")
     if cfg.temperature == 0:
         problems.append("--temperature 0 samples one completion G times: RL needs > 0")
     problems += loop.check_report_to(cfg.report_to)
@@ -354,6 +358,9 @@ def setup(cfg: RLConfig):
     resolve_checkpoint(cfg.model)
     records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]
+    if cfg.zone:  # distill.py's difficulty counts; one entry per question
+        lo, hi = map(int, cfg.zone.split(","))
+        train_q = list({q["question"]: q for q in train_q if lo <= q.get("n_correct", -1) <= hi}.values())
     if len(train_q) < cfg.prompts_per_step:
         raise ValueError(f"--data {cfg.data}: {len(train_q)} usable questions after holding out {cfg.eval_samples}")
     log(f"data: {len(train_q)} training questions, {len(eval_q)} held out (the last records of {cfg.data})")

@@ -1,0 +1,116 @@
+"""Distillation by rejection sampling: a teacher samples several solutions per question, the grader keeps the
+correct ones, and they become SFT data in our format: reasoning the model can keep, not GSM8K's terse lines.
+
+    python distill.py --teacher Qwen/Qwen2.5-7B-Instruct --data openai/gsm8k --samples_per_question 4 --out traces.jsonl
+    python train.py --data traces.jsonl ...        # SFT on the kept traces
+
+The teacher is any Qwen2 checkpoint we load (a larger one on a GPU, or the student itself: self-distillation), NF4
+or 16-bit, sampled by our batched generate. Each line of --out is one question: its GSM8K record, `assistant` (the
+kept trace rewritten into the exact assistant turn train.py trains on; empty when no sample was right, and train.py
+then skips it), and `n_correct` of `n_samples`, the question's difficulty for this teacher (the LPRO recipe's
+"learnable zone" is 2-5 of 8). Lines are appended batch by batch and a rerun skips the questions already in --out,
+so Ctrl-C loses at most the batch in flight.
+"""
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import grade
+import loop
+from generate import generate
+from load import QUANTIZE, load_model, resolve_precision
+
+TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by-step. Think step by step inside "
+                  "<think> and </think>, then write **Final Answer:** followed by the number alone.")
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local Qwen2 checkpoint folder
+    adapter: str = "none"  # a LoRA adapter on the teacher, or none
+    data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
+    split: str = "train"
+    num_questions: int = 0  # the first N usable questions; <= 0: all
+    samples_per_question: int = 4  # sampled solutions per question
+    keep_per_question: int = 1  # correct, distinct solutions kept per question, shortest first
+    temperature: float = 0.7
+    max_new_tokens: int = 512  # a sample cut here is not kept
+    batch_size: int = 8  # questions per generate call (x samples_per_question rows)
+    quantize: str = "nf4"  # teacher weights: nf4 or none
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 3407  # each batch samples from (seed, its first question's index)
+    out: str = "traces.jsonl"
+
+
+def teacher_prompt(tokenizer, question: str) -> list[int]:
+    return tokenizer.apply_chat(data.prompt_messages(question, TEACHER_SYSTEM))
+
+
+def rewrite(text: str, gold: str) -> str | None:
+    """A sample in the exact assistant turn train.py renders (think block, blank line, the answer line), or None
+    when it is not in the strict format."""
+    shape = grade.strict_format(text, "tinyreason")
+    return shape and f"<think>\n{shape['think'].strip()}\n</think>\n\n**Final Answer:** {gold}"
+
+
+def select(samples: list[tuple[str, bool]], gold: str, keep: int) -> tuple[list[str], int]:
+    """Samples (text, stopped) -> (up to `keep` correct ones rewritten, distinct, shortest first; how many were
+    correct)."""
+    correct = [text for text, stopped in samples if grade.rewards(text, gold, "tinyreason", stopped)["correct"]]
+    kept = sorted({t for t in (rewrite(c, gold) for c in correct) if t}, key=lambda t: (len(t), t))
+    return kept[:keep], len(correct)
+
+
+def main(argv=None):
+    cfg = loop.parse_config(DistillConfig, argv, description=__doc__)
+    if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
+        raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
+    if cfg.quantize not in QUANTIZE:
+        raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {QUANTIZE}")
+    records = [r for r in data.load_records(cfg.data, cfg.split) if data.format_example(r)]
+    records = records[:cfg.num_questions] if cfg.num_questions > 0 else records
+    out = Path(cfg.out)
+    done = {json.loads(line)["question"] for line in out.read_text().splitlines()} if out.exists() else set()
+    todo = [(i, r) for i, r in enumerate(records) if r["question"] not in done]
+    print(f"distill: {len(records)} questions, {len(done)} already in {out}, {len(todo)} to sample")
+    device, dtype = resolve_precision(cfg.device, cfg.dtype)
+    model, tokenizer = load_model(cfg.teacher, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype,
+                                  device)
+    n = cfg.samples_per_question
+    seen = kept = tokens = 0
+    t0 = time.time()
+    bar = tqdm(total=len(todo), desc="distill", unit="question")
+    for start in range(0, len(todo), cfg.batch_size):
+        batch = todo[start:start + cfg.batch_size]
+        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
+        completions = generate(model, tokenizer, [teacher_prompt(tokenizer, r["question"]) for _, r in batch],
+                               cfg.max_new_tokens, cfg.temperature, num_samples=n, keep_stop=True, generator=generator)
+        stops = (tokenizer.im_end_id, tokenizer.pad_id)
+        lines = []
+        for j, (_, record) in enumerate(batch):
+            rows = completions[j * n:(j + 1) * n]
+            samples = [(tokenizer.decode(c), bool(c) and c[-1] in stops) for c in rows]
+            gold = data.gold_answer(record)
+            traces, n_correct = select(samples, gold, cfg.keep_per_question)
+            lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})
+                      for t in traces or [""]]
+            seen, kept, tokens = seen + 1, kept + len(traces), tokens + sum(map(len, rows))
+        with open(out, "a") as f:  # whole batches only: an interrupted batch is sampled again on the rerun
+            f.writelines(line + "\n" for line in lines)
+        bar.update(len(batch))
+        bar.set_postfix(kept=f"{kept}/{seen}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+    bar.close()
+    print(f"kept {kept} traces for {seen} questions -> {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad flags, files or data, no network: the message alone says what to do
+        raise SystemExit(f"distill.py: {e}")
