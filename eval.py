@@ -50,7 +50,8 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
     lines = [f"# GSM8K evaluation: {title}", "",
              f"- accuracy: **{k / n:.3f}** ({k}/{n}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
              f"- format compliance: {sum(r['compliant'] for r in rows) / n:.3f}",
-             f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, max {lengths[-1]}; "
+             f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, "
+             f"max {lengths[-1]}; "
              f"{sum(t >= max_new_tokens for t in lengths)} of {n} cut at --max_new_tokens {max_new_tokens}", "",
              "| question | gold | read as | end of the answer |", "|---|---|---|---|"]
     for r in [r for r in rows if not r["correct"]][:5]:

@@ -22,8 +22,9 @@ STYLES = ("tinyreason", "boxed", "answer_tags")
 FORMAT_RE = {"tinyreason": re.compile(r"</think>.*\*\*Final Answer:\*\*", re.S), "boxed": re.compile(r"\\boxed\{"),
              "answer_tags": re.compile(r"</think>.*<answer>.*</answer>", re.S)}
 # The strict shape RL rewards: one non-empty think block first, then the answer in the style's place, then nothing.
-STRICT_RE = {"tinyreason": re.compile(r"\s*<think>(?P<think>.*?\S.*?)</think>\s*\*\*Final Answer:\*\*[ \t]*(?P<answer>\S[^\n]*?)\s*", re.S),
-             "answer_tags": re.compile(r"\s*<think>(?P<think>.*?\S.*?)</think>\s*<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
+THINK = r"\s*<think>(?P<think>.*?\S.*?)</think>\s*"  # a non-empty think block first
+STRICT_RE = {"tinyreason": re.compile(THINK + r"\*\*Final Answer:\*\*[ \t]*(?P<answer>\S[^\n]*?)\s*", re.S),
+             "answer_tags": re.compile(THINK + r"<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
              "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}[\s.$]*", re.S)}
 TAGS = ("<think>", "</think>", "<answer>", "</answer>", "**Final Answer:**", "\\boxed{")
 STATEMENT_RE = re.compile(rf"({NUMBER})\s*([-+*/x×÷])\s*({NUMBER})\s*=\s*({NUMBER})")  # "48 / 2 = 24"
