@@ -1,10 +1,11 @@
 """Batched generation with a KV cache: left-padded prompts, rows that leave the batch when they stop,
-greedy or nucleus sampling.
+greedy or nucleus sampling, and the calculator tool writing its results into the rows that call it.
 
     new_ids = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, temperature=0.0)
 """
 import torch
 
+from calculator import tool_output
 from tinyreason import KVCache
 
 
@@ -30,16 +31,20 @@ def left_pad(prompts, pad_id, device=None):
 def share_prefill(cache: KVCache, n: int):
     """Each of the cache's rows becomes n consecutive rows (row i -> rows i*n .. i*n+n-1): the n samples of a
     prompt share one prefill instead of computing it n times."""
-    cache.keep(torch.arange(cache.batch, device=cache.mask.device).repeat_interleave(n))  # rows are gathered before they are written, so repeating them in place is safe
+    # keep gathers the rows before it writes them, so repeating them in place is safe
+    cache.keep(torch.arange(cache.batch, device=cache.mask.device).repeat_interleave(n))
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
-             num_samples=1, keep_stop=False, generator=None):
+             num_samples=1, keep_stop=False, generator=None, calculator=False, forced=None):
     """Continue each prompt (a list of token ids) `num_samples` times until a stop token or max_new_tokens.
     Returns the new ids of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1); a row that sampled
     a stop token ends with it when keep_stop, so a row shorter than max_new_tokens, or ending in a stop token,
-    stopped, and any other was cut at the length. Finished rows leave the batch: no work is spent on them."""
+    stopped, and any other was cut at the length. Finished rows leave the batch: no work is spent on them.
+    With `calculator`, a row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens, forced
+    in place of its samples while the batch decodes on; a list passed as `forced` receives each row's positions
+    of those tokens (they are the tool's, not the model's: RL does not train on them)."""
     param = model.model.embed_tokens.weight
     stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
     ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
@@ -51,15 +56,26 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
         share_prefill(cache, num_samples)
         x = x.repeat_interleave(num_samples, 0)  # (P * n, D)
     rows = list(range(cache.batch))  # the output row of each live row
-    out = [[] for _ in rows]
+    out, queued = [[] for _ in rows], [[] for _ in rows]  # queued: what the calculator will write for each row
+    if forced is not None:
+        forced[:] = [[] for _ in rows]
     for step in range(max_new_tokens):
         token = sample(model.lm_head(x).float(), temperature, top_p, generator)  # (b,)
+        forcing = [bool(queued[r]) for r in rows]
+        if any(forcing):  # the tool's next token replaces the row's sample; the batch stays one batch
+            token = torch.tensor([queued[r].pop(0) if f else t for r, t, f in zip(rows, token.tolist(), forcing)],
+                                 device=token.device)
         done = torch.isin(token, stop)
-        for r, t, d in zip(rows, token.tolist(), done.tolist()):  # one host sync per step
+        for r, t, d, f in zip(rows, token.tolist(), done.tolist(), forcing):  # one host sync per step
+            if f and forced is not None:
+                forced[r].append(len(out[r]))
             if not d or keep_stop:
                 out[r].append(t)
             if on_token and not d:
                 on_token(r, t)
+            if calculator and not d and tokenizer.decode([t]).endswith("=") and (
+                    written := tool_output(tokenizer.decode(out[r]))):
+                queued[r] = tokenizer.encode(written)
         if done.all() or step == max_new_tokens - 1:
             break
         if done.any():
