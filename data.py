@@ -13,6 +13,8 @@ Each solution becomes one assistant turn (ChatML, Qwen2.5's template):
 The `<<48/2=24>>` calculator annotations are removed and the `#### 72` line becomes the answer
 (commas dropped: "1,080" -> "1080", the official GSM8K normalization). Only this turn and its
 closing <|im_end|> are targets; the system turn, the user turn and the assistant header are not.
+With the calculator (calculator.py) the annotations stay as tool calls, `48/2 = <<48/2=24>>24`: the
+model writes `<<48/2=`, and the `24>>` the tool writes at generation is no target either.
 """
 import json
 import random
@@ -20,6 +22,8 @@ import re
 from pathlib import Path
 
 import torch
+
+from calculator import evaluate, pieces
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 SYSTEM_PROMPT = "You are a helpful assistant that solves math problems step-by-step."
@@ -29,7 +33,7 @@ ANSWER_TAGS_SYSTEM = ("A conversation between User and Assistant. The user asks 
                       "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
                       "<answer> </answer> tags, respectively.")  # the Infused Phi-2 recipe's system prompt
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
-ANNOTATION = re.compile(r"<<.*?>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
+ANNOTATION = re.compile(r"<<(.*?)>>")  # GSM8K calculator annotations, e.g. <<48/2=24>>
 NUMBER = re.compile(r"-?\d+(\.\d+)?")
 
 
@@ -89,26 +93,35 @@ def parse_json(text: str, path: Path, line: int = 1):
         raise ValueError(f"{path}, line {line + e.lineno - 1}: not valid JSON ({e.msg}{jsonl})") from None
 
 
-def split_solution(answer: str) -> tuple[str, str] | None:
-    """GSM8K solution -> (steps without annotations, numeric answer), or None if malformed."""
+def split_solution(answer: str, calculator: bool = False) -> tuple[str, str] | None:
+    """GSM8K solution -> (steps, numeric answer), or None if malformed. The steps lose their annotations, or
+    with `calculator` keep them as tool calls."""
     if "####" not in answer:
         return None
     steps, final = answer.rsplit("####", 1)
-    steps = ANNOTATION.sub("", steps).strip()
+    steps = ANNOTATION.sub(tool_call if calculator else "", steps).strip()
     final = final.strip().replace(",", "")
     if not steps or not NUMBER.fullmatch(final):
         return None
     return steps, final
 
 
-def format_example(record: dict) -> tuple[str, str] | None:
+def tool_call(annotation: re.Match) -> str:
+    """`<<48/2=24>>` with the result as the tool writes it ("4.00" -> "4", ".5" -> "0.5"); removed where the
+    tool would answer otherwise or not at all (`560//10`), so the model learns only calls the tool answers."""
+    expression, _, result = annotation[1].rpartition("=")
+    value = evaluate(expression)
+    return f"<<{expression}={value}>>" if value is not None and evaluate(result) == value else ""
+
+
+def format_example(record: dict, calculator: bool = False) -> tuple[str, str] | None:
     """(question, assistant text) for a GSM8K record, or None when the record is malformed."""
     question, answer = record.get("question"), record.get("answer")
     if not isinstance(question, str) or not isinstance(answer, str) or not question.strip():
         return None
     if "assistant" in record:  # a ready trajectory (distill.py) is trained as it is; an empty one is skipped
         return (question.strip(), record["assistant"]) if record["assistant"] else None
-    parts = split_solution(answer)
+    parts = split_solution(answer, calculator)
     if parts is None:
         return None
     steps, final = parts
@@ -148,39 +161,36 @@ def prepare_splits(records: list[dict], num_samples: int, validation_split: floa
     return good[n_val:], good[:n_val], n_bad
 
 
-def build_example(tokenizer, record: dict) -> dict:
+def build_example(tokenizer, record: dict, calculator: bool = False) -> dict:
     """Token ids and labels for one record: IGNORE on the prompt (system, user, assistant header),
-    targets on the assistant content and its <|im_end|>. The "\\n" the template puts after that
-    <|im_end|> is dropped: it follows the end of the turn, so it is neither input nor target."""
-    question, assistant = format_example(record)
-    prompt = prompt_messages(question)
-    prompt_ids = tokenizer.apply_chat(prompt, add_generation_prompt=True)
-    full_ids = tokenizer.apply_chat(prompt + [{"role": "assistant", "content": assistant}], add_generation_prompt=False)
-    # The spans come from the template itself, so both renderings must agree on the prompt tokens.
-    if full_ids[:len(prompt_ids)] != prompt_ids:
-        raise ValueError("the chat template tokenizes the prompt differently when the assistant turn follows it")
-    end = len(full_ids) - full_ids[::-1].index(tokenizer.im_end_id)  # just past the assistant's <|im_end|>
-    if end <= len(prompt_ids) or full_ids[end:] != tokenizer.encode("\n"):
-        raise ValueError("unexpected chat template: the assistant turn does not end with <|im_end|>\\n")
-    input_ids = full_ids[:end]
-    labels = [IGNORE] * len(prompt_ids) + input_ids[len(prompt_ids):]
-    return {"input_ids": input_ids, "labels": labels}
+    targets on the assistant content and its <|im_end|>; the "\\n" the template puts after that <|im_end|>
+    follows the end of the turn, so it is neither input nor target. The ids are those generation sees: the
+    prompt as eval.py renders it, then the content, each piece the calculator writes (`24>>`) tokenized alone
+    and masked."""
+    question, assistant = format_example(record, calculator)
+    input_ids = tokenizer.apply_chat(prompt_messages(question), add_generation_prompt=True)
+    labels = [IGNORE] * len(input_ids)
+    for piece, by_tool in pieces(assistant) if calculator else [(assistant, False)]:
+        ids = tokenizer.encode(piece)
+        input_ids, labels = input_ids + ids, labels + ([IGNORE] * len(ids) if by_tool else ids)
+    return {"input_ids": input_ids + [tokenizer.im_end_id], "labels": labels + [tokenizer.im_end_id]}
 
 
-def build_examples(tokenizer, records: list[dict], max_seq_length: int) -> tuple[list[dict], int]:
+def build_examples(tokenizer, records: list[dict], max_seq_length: int,
+                   calculator: bool = False) -> tuple[list[dict], int]:
     """Tokenize every record; examples longer than `max_seq_length` are dropped (returned as a count), not cut."""
-    examples = [build_example(tokenizer, r) for r in records]
+    examples = [build_example(tokenizer, r, calculator) for r in records]
     kept = [ex for ex in examples if len(ex["input_ids"]) <= max_seq_length]
     return kept, len(examples) - len(kept)
 
 
 def load_splits(source: str, tokenizer, num_samples: int, validation_split: float, max_seq_length: int, seed: int,
-                log=print) -> tuple[list[dict], list[dict]]:
+                log=print, calculator: bool = False) -> tuple[list[dict], list[dict]]:
     """Train and validation examples from `source`, logging what was skipped or dropped."""
     records = load_records(source)
     train_records, val_records, n_bad = prepare_splits(records, num_samples, validation_split, seed)
-    train, n_long = build_examples(tokenizer, train_records, max_seq_length)
-    val, n_long_val = build_examples(tokenizer, val_records, max_seq_length)
+    train, n_long = build_examples(tokenizer, train_records, max_seq_length, calculator)
+    val, n_long_val = build_examples(tokenizer, val_records, max_seq_length, calculator)
     log(f"data: {len(records)} records, {n_bad} malformed skipped, {n_long + n_long_val} longer than "
         f"{max_seq_length} tokens dropped -> {len(train)} train, {len(val)} validation")
     if not train:

@@ -28,8 +28,9 @@ from tinyreason import resolve_checkpoint, token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
-FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_length", "quantize", "lora_r",
-                   "lora_alpha", "lora_dropout", "target_modules", "batch_size", "gradient_accumulation_steps", "seed")
+FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_length", "calculator", "quantize",
+                   "lora_r", "lora_alpha", "lora_dropout", "target_modules", "batch_size", "gradient_accumulation_steps",
+                   "seed")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TrainConfig:
     validation_split: float = 0.1  # fraction of those held out for the validation loss; 0: none
     test_samples: int = 50  # test questions eval.py scores; recorded so the experiment config has it
     max_seq_length: int = 2048  # longer examples are dropped and counted, never cut
+    calculator: bool = False  # keep GSM8K's <<48/2=24>> as tool calls; eval.py and chat.py then use the tool
     quantize: str = "nf4"  # base weights: "nf4" (QLoRA) or "none" (16-bit LoRA)
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # the update is scaled by alpha / r
@@ -149,7 +151,7 @@ def setup(cfg: TrainConfig):
     log(json.dumps(asdict(cfg), indent=2))
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
-                                     cfg.seed, log)
+                                     cfg.seed, log, cfg.calculator)
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume:  # the checkpoint's own adapter (r, alpha, targets)
         lora.load_adapter(model, cfg.resume)

@@ -130,6 +130,23 @@ def test_labels_cover_exactly_the_assistant_turn_and_its_im_end(tokenizer):
     assert full == ex["input_ids"] + tokenizer.encode("\n")
 
 
+def test_with_the_calculator_the_model_writes_the_call_and_the_tool_result_is_masked(tokenizer):
+    question, assistant = data.format_example(NATALIA, calculator=True)
+    assert "Natalia sold 48/2 = <<48/2=24>>24 clips in May." in assistant
+    ex = data.build_example(tokenizer, NATALIA, calculator=True)
+    n_prompt = len(tokenizer.apply_chat(data.prompt_messages(question)))
+    masked = [i for i in range(n_prompt, len(ex["labels"])) if ex["labels"][i] == IGNORE]
+    assert [tokenizer.decode([ex["input_ids"][i]]) for i in masked] == [*"24", ">>", *"72", ">>"]
+    targets = [t for t in ex["labels"][n_prompt:] if t != IGNORE]
+    assert "Natalia sold 48/2 = <<48/2=" in tokenizer.decode(targets)
+    assert tokenizer.decode(ex["input_ids"][n_prompt:-1]) == assistant
+
+
+def test_annotations_keep_the_tool_s_writing_or_go_where_the_tool_would_answer_otherwise():
+    record = {"question": "q", "answer": "a <<2*2.25=4.50>>4.50 b <<560//10=56>>56 c <<2+2=5>>5\n#### 5"}
+    assert data.format_example(record, calculator=True)[1].startswith("<think>\na <<2*2.25=4.5>>4.50 b 56 c 5\n")
+
+
 def test_over_length_examples_are_dropped_and_counted(tokenizer):
     records = gsm8k_records(10)
     lengths = [len(data.build_example(tokenizer, r)["input_ids"]) for r in records]
