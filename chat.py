@@ -37,7 +37,8 @@ def answer(model, tokenizer, question: str, args):
     decoder = StreamDecoder(tokenizer)
     prompt = tokenizer.apply_chat(data.prompt_messages(question, args.system))
     ids = generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   on_token=lambda row, token: print(decoder.push(token), end="", flush=True))[0]
+                   on_token=lambda row, token: print(decoder.push(token), end="", flush=True),
+                   calculator=args.calculator)[0]
     print(decoder.flush())
     if len(ids) == args.max_new_tokens:
         print(f"[cut off at --max_new_tokens {args.max_new_tokens}]")

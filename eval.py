@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import data
+from calculator import DONE
 from generate import generate
 from grade import extract_answer, is_compliant, is_correct, normalize, wilson
 from load import add_model_flags, load_from_flags, resolve_model_flags
@@ -84,7 +85,8 @@ def main():
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     net, tokenizer = load_from_flags(args, adapter)
     print(f"model {args.model} | adapter {adapter} | {args.quantize} {args.dtype} on {args.device} | "
-          f"{args.prompt_style} prompts | {len(records)} problems from {args.data}")
+          f"{args.prompt_style} prompts | {len(records)} problems from {args.data} | "
+          f"calculator {'on' if args.calculator else 'off'}")
     prompts = [data.prompt_ids(tokenizer, r["question"], args.prompt_style, args.system) for r in records]
 
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
@@ -96,7 +98,7 @@ def main():
         batch = order[start: start + args.batch_size]
         t0 = time.perf_counter()
         new_ids = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
-                           on_token=lambda row, token: tokens.update())
+                           on_token=lambda row, token: tokens.update(), calculator=args.calculator)
         seconds += time.perf_counter() - t0
         for i, ids in zip(batch, new_ids):
             rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style) | {"tokens": len(ids)}
@@ -115,6 +117,8 @@ def main():
     print(f"strict accuracy (answer in the {args.prompt_style} format): {n_strict / n:.4f} ({n_strict}/{n})")
     print(f"format compliance: {n_format / n:.4f} ({n_format}/{n})")
     print(f"mean generated tokens: {n_tokens / n:.1f}")
+    if args.calculator:
+        print(f"calculator calls per answer: {sum(len(DONE.findall(r['output'])) for r in rows) / n:.2f}")
     print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")
     print(f"predictions: {out}")
     if args.report:

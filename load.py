@@ -76,6 +76,8 @@ def add_model_flags(p: argparse.ArgumentParser, adapter=DEFAULT_ADAPTER):
     p.add_argument("--quantize", choices=QUANTIZE, help="base weights (default: as in training)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: bf16 where the hardware has it")
+    p.add_argument("--calculator", action=argparse.BooleanOptionalAction,
+                   help="after <<48/2= the calculator tool writes 24>> (default: on for an adapter trained with it)")
 
 
 def resolve_model_flags(args) -> tuple[Path | None, dict]:
@@ -96,6 +98,7 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
         args.model = args.model or run.get("model") or base
     args.model = args.model or DEFAULT_MODEL
     args.quantize = args.quantize or run.get("quantize", "nf4")
+    args.calculator = run.get("calculator", False) if args.calculator is None else args.calculator
     args.device, args.dtype = resolve_precision(args.device, args.dtype)
     return adapter, run
 

@@ -18,6 +18,7 @@ from conftest import ROOT
 
 import chat
 import data
+import generate as gen
 from generate import generate
 from tinyreason import Qwen2
 from tokenizer import Tokenizer
@@ -66,11 +67,26 @@ def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):
     model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     writes = []
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
-    args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0)
+    args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
+                           calculator=False)
     chat.answer(model, tok, QUESTION, args)
     text = "".join(writes)
     assert text.startswith(expected + "\n")
     assert len([w for w in writes if w.strip()]) >= MAX_NEW // 2  # many pieces, not one print at the end
+
+
+def test_the_calculator_s_tokens_stream_like_the_model_s(tiny_checkpoint, monkeypatch):
+    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    call = iter(tok.encode("<<2+3="))
+    monkeypatch.setattr(gen, "sample", lambda logits, *a: torch.tensor([next(call, tok.im_end_id)]))
+    writes = []
+    monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
+    args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
+                           calculator=True)
+    chat.answer(model, tok, QUESTION, args)
+    assert "".join(writes) == "<<2+3=5>>\n"
+    pieces = [w for w in writes if w]  # streamed token by token, the tool's tokens as they were written
+    assert pieces[-3:] == [*(tok.decode([t]) for t in tok.encode("5>>")), "\n"] and len(pieces) > 3
 
 
 def chat_command(checkpoint, *flags):

@@ -3,6 +3,7 @@ on a tiny random checkpoint (base model and with a saved adapter).
 
     python -m pytest tests/test_eval.py -q
 """
+import argparse
 import json
 import math
 import re
@@ -14,6 +15,7 @@ import torch
 import data
 import eval as ev
 import grade
+import load
 import lora
 from conftest import gsm8k_records
 from generate import generate
@@ -212,6 +214,20 @@ def test_eval_loads_the_adapter_and_its_experiment_config(tiny_checkpoint, gsm_f
         prompt = tok.apply_chat([{"role": "system", "content": system}, {"role": "user", "content": record["question"]}])
         assert row["output"] == greedy(model, tok, prompt)
         assert row["output"] != greedy(base, tok, prompt)
+
+
+@pytest.mark.parametrize("trained_with, flags, on", [(True, [], True), (True, ["--no-calculator"], False),
+                                                     (False, [], False), (False, ["--calculator"], True)])
+def test_the_calculator_is_on_for_an_adapter_trained_with_it_unless_a_flag_says(tiny_checkpoint, tmp_path,
+                                                                                 trained_with, flags, on):
+    adapter = tmp_path / "adapter"
+    lora.save_adapter(lora.inject(Qwen2.from_pretrained(tiny_checkpoint), r=4), adapter, str(tiny_checkpoint))
+    (adapter / "experiment_config.json").write_text(json.dumps({"calculator": trained_with}))
+    parser = argparse.ArgumentParser()
+    load.add_model_flags(parser)
+    args = parser.parse_args(["--adapter", str(adapter), *flags])
+    load.resolve_model_flags(args)
+    assert args.calculator is on
 
 
 @pytest.fixture
