@@ -65,6 +65,7 @@ class RLConfig:
     prompts_per_step: int = 4  # questions per step; a step trains on prompts_per_step * group_size completions
     micro_batch_size: int = 8  # completions per forward/backward
     max_new_tokens: int = 512  # a completion cut here is truncated: reward 0
+    calculator: bool = None  # the calculator tool in rollouts (its tokens never train); default: as --adapter was
     temperature: float = None  # sampling temperature, also applied to the log-probs of the loss
     reward_weights: str = None  # correctness,format,reasoning
     advantage: str = None  # group (z-score), batch (centred, scaled by the batch std) or none (centred only)
@@ -188,6 +189,15 @@ def token_weights(lengths, active, loss_agg: str, max_new_tokens: int, totals=No
     return torch.where(active, 1 / D.float(), 0.0)
 
 
+def own_tokens(completions, forced) -> torch.Tensor:
+    """1 on the tokens the policy sampled, 0 on those the calculator wrote (no action of the policy, so no target),
+    rows concatenated (Σ|o_i|,)."""
+    masks = [torch.ones(len(c)) for c in completions]
+    for mask, positions in zip(masks, forced):
+        mask[positions] = 0
+    return torch.cat(masks)
+
+
 def clipped_objective(logp, old_logp, adv, eps_low: float, eps_high: float):
     """Per token min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) and ρ; the log-ratio is clamped to ±20 before exp."""
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))
@@ -251,6 +261,7 @@ def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast
     """ppo_epochs optimizer steps over the active completions of one rollout; returns the step's statistics."""
     prompts, completions, adv, w = batch["prompts"], batch["completions"], batch["adv"], batch["weight"]
     old, ref = batch.get("old"), batch.get("ref")
+    forced = batch.get("forced", [[]] * len(completions))
     stats = dict(clip_low=0.0, clip_high=0.0, kl=0.0, ratio=0.0)
     for _ in range(cfg.ppo_epochs):
         for i in range(0, len(prompts), cfg.micro_batch_size):
@@ -266,7 +277,8 @@ def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast
                 kl = k3(logp, torch.cat(ref[rows]))
                 per_token = per_token + cfg.beta * kl
                 stats["kl"] += float(kl.detach().sum())
-            scaler.scale((per_token * w[rows].repeat_interleave(lengths).to(device)).sum()).backward()
+            weight = w[rows].repeat_interleave(lengths) * own_tokens(completions[rows], forced[rows])
+            scaler.scale((per_token * weight.to(device)).sum()).backward()
             stats["clip_low"] += float(((ratio < 1 - cfg.eps_low) & (a < 0)).sum())
             stats["clip_high"] += float(((ratio > 1 + cfg.eps_high) & (a > 0)).sum())
             stats["ratio"] += float(ratio.detach().sum())
@@ -282,8 +294,10 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in questions]
     model.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
+    forced = []  # the positions the calculator wrote in each completion
     completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
-                           num_samples=G, keep_stop=True, generator=generator)
+                           num_samples=G, keep_stop=True, generator=generator, calculator=cfg.calculator,
+                           forced=forced)
     model.train()
     stops = {tokenizer.im_end_id, tokenizer.pad_id}
     stopped = [bool(c) and c[-1] in stops for c in completions]
@@ -300,10 +314,11 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     t_gen, t1 = time.time() - t0, time.time()
 
     keep = active.nonzero().squeeze(1).tolist()  # only what trains is forwarded again
-    totals = loop.all_ranks_sum(len(keep), int(lengths[active].sum()))  # the step's, over all processes
+    targets = lengths - torch.tensor([len(f) for f in forced])  # the calculator's tokens are no targets
+    totals = loop.all_ranks_sum(len(keep), int(targets[active].sum()))  # the step's, over all processes
     batch = {"prompts": [prompts[i // G] for i in keep], "completions": [completions[i] for i in keep],
-             "adv": adv.flatten()[keep],
-             "weight": token_weights(lengths, active, cfg.loss_agg, cfg.max_new_tokens, totals)[keep]}
+             "forced": [forced[i] for i in keep], "adv": adv.flatten()[keep],
+             "weight": token_weights(targets, active, cfg.loss_agg, cfg.max_new_tokens, totals)[keep]}
     if keep and cfg.ppo_epochs > 1:
         batch["old"] = frozen_logprobs(model, batch["prompts"], batch["completions"], cfg, device, autocast)
     if keep and cfg.beta:
@@ -328,7 +343,8 @@ def held_out_accuracy(model, tokenizer, records, cfg, batch_size=16) -> tuple[fl
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in chunk]
-        for q, c in zip(chunk, generate(model, tokenizer, prompts, cfg.max_new_tokens, keep_stop=True)):
+        for q, c in zip(chunk, generate(model, tokenizer, prompts, cfg.max_new_tokens, keep_stop=True,
+                                        calculator=cfg.calculator)):
             stopped = bool(c) and c[-1] in (tokenizer.im_end_id, tokenizer.pad_id)
             parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped))
     model.train()
@@ -350,10 +366,10 @@ def reference_tensors(model, cfg) -> dict:
 def setup(cfg: RLConfig):
     """Resolve model, precision and optimizer into cfg, load questions, the model with its adapter and the optimizer."""
     flags = SimpleNamespace(adapter=cfg.adapter, model=cfg.model or None, quantize=cfg.quantize, device=cfg.device,
-                            dtype=cfg.dtype)
+                            dtype=cfg.dtype, calculator=cfg.calculator)
     adapter, _ = resolve_model_flags(flags)
     device, dtype = flags.device, flags.dtype
-    cfg.model, cfg.device, cfg.dtype = flags.model, device.type, dtype_name(dtype)
+    cfg.model, cfg.device, cfg.dtype, cfg.calculator = flags.model, device.type, dtype_name(dtype), flags.calculator
     cfg.optim = loop.resolve_optim(cfg.optim, device)
     resolve_checkpoint(cfg.model)
     records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]

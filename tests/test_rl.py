@@ -182,6 +182,21 @@ def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(mo
     model.zero_grad()
 
 
+def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok):
+    model, tok = model_and_tok
+    prompts, completions = rows(tok)
+    adv, w, forced = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3]), [[1, 2], [], [0]]
+    ours, _ = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w, forced=forced),
+                     tiny_cfg())
+    model.zero_grad()
+    logp = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").split([len(c) for c in completions])
+    own = [torch.cat([logp[0][:1], logp[0][3:]]), logp[1], logp[2][1:]]  # the sampled tokens' log-probs only
+    (-sum((l * a * wi).sum() for l, a, wi in zip(own, adv, w))).backward()
+    for name, g in lora_grads(model).items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    model.zero_grad()
+
+
 def test_micro_batches_of_one_give_the_gradient_of_one_batch(model_and_tok):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
