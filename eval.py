@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 import data
+import stages
 from calculator import DONE
 from generate import generate
 from grade import extract_answer, is_compliant, is_correct, normalize, wilson
@@ -35,11 +36,12 @@ def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
 
 
 def score(record: dict, output: str, style: str) -> dict:
-    """One line of --out: what was asked, what came out, how it was read and whether it is right."""
+    """One line of --out: what was asked, what came out, how it was read and whether it is right, and how sound its
+    reasoning is (stages.metrics)."""
     extracted = extract_answer(output)
     gold, pred = normalize(data.gold_answer(record)), normalize(extracted)
     return dict(question=record["question"], gold=gold, output=output, extracted=extracted, normalized=pred,
-                correct=is_correct(pred, gold), compliant=is_compliant(output, style))
+                correct=is_correct(pred, gold), compliant=is_compliant(output, style)) | stages.metrics(output)
 
 
 def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
@@ -117,6 +119,7 @@ def main():
     print(f"strict accuracy (answer in the {args.prompt_style} format): {n_strict / n:.4f} ({n_strict}/{n})")
     print(f"format compliance: {n_format / n:.4f} ({n_format}/{n})")
     print(f"mean generated tokens: {n_tokens / n:.1f}")
+    print("\n".join(stages.summary(rows)))
     if args.calculator:
         print(f"calculator calls per answer: {sum(len(DONE.findall(r['output'])) for r in rows) / n:.2f}")
     print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")

@@ -44,13 +44,17 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     stopped, and any other was cut at the length. Finished rows leave the batch: no work is spent on them.
     With `calculator`, a row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens, forced
     in place of its samples while the batch decodes on; a list passed as `forced` receives each row's positions
-    of those tokens (they are the tool's, not the model's: RL does not train on them)."""
+    of those tokens (they are the tool's, not the model's: RL does not train on them). A model with stages.py's
+    verification adapter has it on for a row from the token that completes the row's VERIFY tag."""
     param = model.model.embed_tokens.weight
     stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
     ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
     cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens, param.dtype,
                     param.device)
     cache.batch = len(prompts)
+    verify = getattr(model, "verify", None)
+    if verify:
+        verify.start(ids)
     x = model.hidden(ids, pad_mask, cache)[:, -1]  # (P, D)
     if num_samples > 1:
         share_prefill(cache, num_samples)
@@ -83,5 +87,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             rows = [rows[i] for i in live.tolist()]
             cache.keep(live)
             token = token[live]
+        if verify:
+            verify.follow(tokenizer, out, rows, token.device)
         x = model.hidden(token[:, None], None, cache)[:, -1]
     return out

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import lora
+import stages
 from quant import footprint_gb, quantize_block
 from tinyreason import Qwen2, resolve_checkpoint
 from tokenizer import Tokenizer
@@ -62,11 +63,14 @@ def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4") 
 
 
 def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenizer]:
-    """Base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base alone)."""
+    """Base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base alone), and the
+    verification adapter in its verify/ subfolder when there is one (stages.py)."""
     path = resolve_checkpoint(model)
     net = load_base(path, dtype, device, quantize)
     if adapter is not None:
         lora.load_adapter(net, adapter)
+        if (Path(adapter) / "verify").is_dir():
+            stages.load_verify(net, Path(adapter) / "verify")
     return net.eval(), Tokenizer.from_pretrained(path)
 
 

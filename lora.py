@@ -71,16 +71,25 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir, base_model_name=None):
-    """adapter_model.safetensors (A, B as stored, fp32) + adapter_config.json, loadable by peft.PeftModel."""
-    from safetensors.torch import save_file
+    """adapter_model.safetensors (A, B as stored, fp32) + adapter_config.json, loadable by peft.PeftModel. A model
+    with stages.py's verification adapter also gets it in verify/, where PEFT puts a named adapter."""
     modules = lora_modules(model)
     m = next(iter(modules.values()))
+    write_adapter(out_dir, lora_state_dict(model), m.r, m.alpha, m.dropout.p,
+                  sorted({name.rsplit(".", 1)[-1] for name in modules}), base_model_name)
+    if hasattr(model, "verify"):
+        model.verify.save(Path(out_dir) / "verify", base_model_name)
+
+
+def write_adapter(out_dir, tensors: dict, r, alpha, dropout, targets, base_model_name=None, **extra):
+    """PEFT's two files for LoRA tensors under PEFT's names; `extra` config keys are ours (PEFT ignores them)."""
+    from safetensors.torch import save_file
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name,
-                  r=m.r, lora_alpha=m.alpha, lora_dropout=m.dropout.p, bias="none",
-                  target_modules=sorted({name.rsplit(".", 1)[-1] for name in modules}),
-                  fan_in_fan_out=False, inference_mode=True, use_rslora=False, use_dora=False, modules_to_save=None)
+                  r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", target_modules=targets,
+                  fan_in_fan_out=False, inference_mode=True, use_rslora=False, use_dora=False, modules_to_save=None,
+                  **extra)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in lora_state_dict(model).items()},
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               Path(out_dir) / "adapter_model.safetensors", metadata={"format": "pt"})
     (Path(out_dir) / "adapter_config.json").write_text(json.dumps(config, indent=2))
 

@@ -6,7 +6,7 @@
     python train.py --config run.json --max_steps 100  # fields from JSON (e.g. an experiment_config.json); flags win
 
 A step divides the summed token losses of its micro-batches by the target tokens of all of them, so
-accumulation 4 x batch 1 equals batch 4. Only the fp32 LoRA matrices train, so all of them get weight decay
+accumulation 4 x batch 1 equals batch 4 (with --stage_weights, the summed w * loss by the summed w: stages.py). Only the fp32 LoRA matrices train, so all of them get weight decay
 (there are no trainable biases or norms to exempt). Checkpoints, resume and Ctrl-C are loop.py's: a resumed run
 ends bit-identical to one never stopped. The checkpoint with the lowest validation loss becomes --adapter_path.
 """
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import lora
 import loop
+import stages
 from data import IGNORE, collate, is_local, load_splits, step_batches
 from load import DEFAULT_ADAPTER, DEFAULT_MODEL, DTYPES, QUANTIZE, dtype_name, load_base, resolve_precision
 from loop import log
@@ -28,9 +29,9 @@ from tinyreason import resolve_checkpoint, token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
-FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_length", "calculator", "quantize",
-                   "lora_r", "lora_alpha", "lora_dropout", "target_modules", "batch_size", "gradient_accumulation_steps",
-                   "seed")
+FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_length", "calculator", "format",
+                   "stage_weights", "quantize", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                   "verify_adapter", "verify_r", "verify_alpha", "batch_size", "gradient_accumulation_steps", "seed")
 
 
 @dataclass
@@ -42,11 +43,16 @@ class TrainConfig:
     test_samples: int = 50  # test questions eval.py scores; recorded so the experiment config has it
     max_seq_length: int = 2048  # longer examples are dropped and counted, never cut
     calculator: bool = False  # keep GSM8K's <<48/2=24>> as tool calls; eval.py and chat.py then use the tool
+    format: str = "plain"  # "upev": the think block in stages.py's UNDERSTAND/PLAN/EXECUTE/VERIFY stages
+    stage_weights: str = ""  # "1,1,1,1": loss weights of UNDERSTAND, PLAN, EXECUTE, VERIFY (+ answer); "": unweighted
     quantize: str = "nf4"  # base weights: "nf4" (QLoRA) or "none" (16-bit LoRA)
     lora_r: int = 16  # adapter rank
     lora_alpha: float = 32  # the update is scaled by alpha / r
     lora_dropout: float = 0.0  # dropout on the adapter input
     target_modules: tuple[str, ...] = lora.TARGETS  # projections of each block that get an adapter
+    verify_adapter: bool = False  # a second LoRA on the same projections, on only from the VERIFY tag on (stages.py)
+    verify_r: int = 16  # its rank
+    verify_alpha: float = 32  # its scale is verify_alpha / verify_r
     batch_size: int = 2  # examples per micro-batch
     gradient_accumulation_steps: int = 4  # micro-batches per optimizer step (effective batch 8)
     max_steps: int = 250  # optimizer steps
@@ -87,6 +93,16 @@ def check_config(cfg: TrainConfig):
         if getattr(cfg, flag) not in allowed:
             problems.append(f"--{flag} {getattr(cfg, flag)!r}: expected one of {allowed}")
     problems += loop.check_report_to(cfg.report_to)
+    if cfg.format not in ("plain", "upev"):
+        problems.append(f"--format {cfg.format!r}: expected plain or upev")
+    if (cfg.stage_weights or cfg.verify_adapter) and cfg.format != "upev":
+        problems.append("--stage_weights and --verify_adapter need --format upev (a plain turn has no stages)")
+    if cfg.format == "upev" and cfg.calculator:
+        problems.append("--format upev writes its steps without calculator calls: drop --calculator")
+    if cfg.stage_weights and not (len(w := stage_weights(cfg)) == 4 and min(w) >= 0 and sum(w) > 0):
+        problems.append(f"--stage_weights {cfg.stage_weights!r}: expected four weights >= 0, not all 0, e.g. 1,1,1,1")
+    if cfg.verify_r <= 0:
+        problems.append(f"--verify_r must be > 0 (got {cfg.verify_r})")
     if unknown := sorted(set(cfg.target_modules) - set(lora.TARGETS)):
         problems.append(f"--target_modules {unknown}: expected a subset of {lora.TARGETS}")
     if is_local(cfg.data) and not Path(cfg.data).is_file():
@@ -98,30 +114,45 @@ def check_config(cfg: TrainConfig):
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def compute_loss(model, batch) -> tuple[torch.Tensor, int]:
+def stage_weights(cfg: TrainConfig) -> list[float]:
+    return [float(w) for w in cfg.stage_weights.split(",")]
+
+
+def compute_loss(model, batch, weights=None) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the target positions of `batch`, and their number. lm_head runs only
-    where the next token is a target (tinyreason.token_logprobs, the same path as RL's)."""
+    where the next token is a target (tinyreason.token_logprobs, the same path as RL's). With `weights` (one per
+    stage) each target's term is weighted by its stage: Σ w·CE and Σ w. A verification adapter is on from each
+    row's VERIFY tag on."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     is_target = labels != IGNORE
+    if hasattr(model, "verify"):
+        model.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
     hidden = model.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][is_target]  # (N, D)
-    return -token_logprobs(model, hidden, labels[is_target]).sum(), int(is_target.sum())
+    nll = -token_logprobs(model, hidden, labels[is_target])
+    if weights is None:
+        return nll.sum(), int(is_target.sum())
+    w = weights.to(nll.device)[batch["stages"][:, 1:][is_target]]
+    return (nll * w).sum(), float(w.sum())
 
 
-def count_targets(micro_batches) -> int:
-    return sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+def count_targets(micro_batches, weights=None) -> float:
+    """The step's denominator: its target tokens, or with stage weights their summed weight."""
+    if weights is None:
+        return sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
+    return sum(float(weights[mb["stages"][:, 1:][mb["labels"][:, 1:] != IGNORE].cpu()].sum()) for mb in micro_batches)
 
 
-def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None) -> tuple[float, int]:
-    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count
-    (under torchrun the step spans every process: n_targets is then all of theirs). Returns these micro-batches'
-    part of the step's mean token loss, and the count."""
-    n_targets = n_targets or count_targets(micro_batches)
+def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None, weights=None) -> tuple[float, int]:
+    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count, or
+    summed stage weight (under torchrun the step spans every process: n_targets is then all of theirs). Returns
+    these micro-batches' part of the step's mean token loss, and the count."""
+    n_targets = n_targets or count_targets(micro_batches, weights)
     if n_targets == 0:
         raise ValueError("a training step has no target tokens: every label is masked")
     total = 0.0
     for mb in micro_batches:
         with autocast:
-            loss_sum, _ = compute_loss(model, mb)
+            loss_sum, _ = compute_loss(model, mb, weights)
         scaler.scale(loss_sum / n_targets).backward()  # normalised by the whole step's targets
         total += loss_sum.item()
     return total / n_targets, n_targets
@@ -151,12 +182,16 @@ def setup(cfg: TrainConfig):
     log(json.dumps(asdict(cfg), indent=2))
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
-                                     cfg.seed, log, cfg.calculator)
+                                     cfg.seed, log, cfg.calculator, cfg.format == "upev")
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume:  # the checkpoint's own adapter (r, alpha, targets)
         lora.load_adapter(model, cfg.resume)
+        if cfg.verify_adapter:
+            stages.load_verify(model, Path(cfg.resume) / "verify")
     else:
         lora.inject(model, cfg.target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        if cfg.verify_adapter:
+            stages.add_verify_adapter(model, cfg.verify_r, cfg.verify_alpha)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     log(lora.trainable_report(model))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -181,6 +216,7 @@ def main(argv=None) -> dict:
 
     bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", dynamic_ncols=True, disable=rank != 0)
     tokens, train_time, window = 0, 0.0, []
+    weights = torch.tensor(stage_weights(cfg)) if cfg.stage_weights else None
     with loop.StopAtStepBoundary() as stop:
         for step in range(state["step"], cfg.max_steps):
             t0, lr = time.time(), loop.get_lr(step, cfg)
@@ -189,7 +225,8 @@ def main(argv=None) -> dict:
                                                    state["position"], tokenizer.pad_id)
             tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
             mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
-            loss, _ = accumulate_gradients(model, mine, autocast, scaler, count_targets(micro_batches))
+            n_targets = count_targets(micro_batches, weights)  # every process's micro-batches
+            loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets, weights)
             loss = loop.all_ranks_sum(loss)[0]
             loop.sum_gradients(params)
             grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)

@@ -306,8 +306,8 @@ def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, 
     compute_loss = train.compute_loss
     calls = []
 
-    def inf_on_first_micro_batch(model, batch):
-        loss, n = compute_loss(model, batch)
+    def inf_on_first_micro_batch(model, batch, weights=None):
+        loss, n = compute_loss(model, batch, weights)
         calls.append(n)
         return (loss * float("inf") if len(calls) == 1 else loss), n
     monkeypatch.setattr(train, "compute_loss", inf_on_first_micro_batch)

@@ -1,0 +1,248 @@
+"""Step-aware reasoning (the NanoReason recipe): the think block in four tagged stages, a loss weighted by stage
+(train.py --stage_weights), a second LoRA that is on only while the model verifies (--verify_adapter), and the
+metrics that make the recipe's claims checkable (eval.py).
+
+    <think>
+    UNDERSTAND
+    Asked: How many clips did Natalia sell altogether in April and May?
+    Given: 48
+    PLAN
+    1. 48/2
+    2. 48+24
+    EXECUTE
+    Natalia sold 48/2 = 24 clips in May.
+    Natalia sold 48+24 = 72 clips altogether in April and May.
+    VERIFY
+    48/2 = 24 ✓
+    48+24 = 72 ✓
+    Answer 72 = step 2 ✓
+    </think>
+
+    **Final Answer:** 72
+
+A GSM8K record becomes this without a teacher: the question's last question sentence and its numbers, the
+solution's `<<a op b=c>>` annotations as the plan, its lines as the execution, each annotation recomputed by the
+calculator. A record without annotations, with one that does not recompute, or whose answer no step computed
+cannot be verified and is skipped. The tags are plain text lines. A token's stage is that of the last tag line
+written up to and including it: generation can tell a stage has begun only once its tag line is complete, so
+training draws every line at the token where generation can.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lora
+from calculator import evaluate
+from grade import THOUSANDS_RE, step_validity
+
+STAGES = ("UNDERSTAND", "PLAN", "EXECUTE", "VERIFY")
+UNDERSTAND, PLAN, EXECUTE, VERIFY = range(4)
+NO_STAGE = -1  # prompt and padding
+TAGS = tuple(f"\n{s}\n" for s in STAGES)
+FIELDS = tuple(s.lower() for s in STAGES)  # a trajectory record's stage fields
+GATE_RULE = {"on_from_tag": TAGS[VERIFY]}  # in the verification adapter's config: eval.py and chat.py restore it
+ANNOTATION = re.compile(r"<<([^<>]*)>>")
+QUANTITY = re.compile(r"\d[\d,]*(?:\.\d+)?")
+NUMBER = r"\(*\d*\.?\d+\)*"
+EXPRESSION_RE = re.compile(rf"(?<![\d.])({NUMBER}(?:\s*[-+*/]\s*{NUMBER})+)\s*=\s*(-?\d*\.?\d+)")  # `arithmetic` text
+UPEV_RE = re.compile("".join(f"{re.escape(tag)}(?P<{f}>.*?)" for tag, f in zip(TAGS, FIELDS)) + "$", re.S)
+
+
+def render(understand: str, plan: str, execute: str, verify: str, final: str) -> str:
+    bodies = (understand, plan, execute, verify)
+    return "<think>" + "".join(t + b for t, b in zip(TAGS, bodies)) + f"\n</think>\n\n**Final Answer:** {final}"
+
+
+def from_gsm8k(question: str, solution: str) -> str | None:
+    """The UPEV turn of a GSM8K record, or None when it cannot be verified."""
+    if "####" not in solution:
+        return None
+    body, final = solution.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    calls = [call.rpartition("=") for call in ANNOTATION.findall(body)]  # (expression, "=", result)
+    values = [evaluate(expression) for expression, _, _ in calls]
+    if not calls or any(v is None or v != evaluate(result) for v, (_, _, result) in zip(values, calls)):
+        return None
+    if evaluate(final) not in values:
+        return None
+    sentences = re.split(r"(?<=[.?!])\s+", question.strip())
+    asked = next((s for s in reversed(sentences) if s.endswith("?")), sentences[-1])
+    given = ", ".join(dict.fromkeys(q.replace(",", "") for q in QUANTITY.findall(question))) or "none"
+    step = len(values) - values[::-1].index(evaluate(final))  # the last step that computed the answer
+    checks = [f"{expression} = {v} ✓" for (expression, _, _), v in zip(calls, values)]
+    return render(f"Asked: {asked}\nGiven: {given}",
+                  "\n".join(f"{i}. {expression}" for i, (expression, _, _) in enumerate(calls, 1)),
+                  ANNOTATION.sub("", body).strip(), "\n".join(checks + [f"Answer {final} = step {step} ✓"]), final)
+
+
+def upev_record(record: dict) -> dict:
+    """A record for --format upev: its UPEV turn as `assistant`, "" when there is none (data.py then skips and counts
+    it as malformed). A record with the four stages as fields (understand, plan, execute, verify: a teacher's) is
+    rendered as it is, its final answer read after `####` in `answer`; a ready `assistant` is kept."""
+    question, answer = record.get("question"), record.get("answer")
+    if "assistant" in record or not isinstance(question, str) or not isinstance(answer, str):
+        return record
+    if all(isinstance(record.get(f), str) for f in FIELDS):
+        final = answer.rsplit("####", 1)[-1].strip().replace(",", "")
+        text = render(*(record[f].strip() for f in FIELDS), final) if final else None
+    else:
+        text = from_gsm8k(question, answer)
+    return {**record, "assistant": text or ""}
+
+
+def token_stages(tokenizer, ids: list[int]) -> list[int]:
+    """The stage of each token of an assistant turn: that of the last tag line the text holds up to and including
+    the token (UNDERSTAND before any: a plain turn is UNDERSTAND throughout)."""
+    text, stages = "", []
+    for t in ids:
+        text += tokenizer.decode([t])
+        stages.append(max((s for s, tag in enumerate(TAGS) if tag in text), default=UNDERSTAND))
+    return stages
+
+
+class VerifyGate:
+    """Where the verification adapter is on: one boolean per token of the forward about to run. Qwen2.hidden runs
+    the projections on (B, T, D), or on the real tokens alone, (N, D), for a padded batch on the CPU; `select`
+    follows whichever layout reaches the layer."""
+
+    def __init__(self, r: int, alpha: float):
+        self.r, self.alpha, self.layers = r, alpha, {}  # layers: LoRALinear name -> its VerifyLoRA
+        self.on = self.flat = None
+        self.verifying = set()  # generation: the output rows that have written the VERIFY tag
+
+    def set(self, on, attention_mask=None):
+        """on: (B, T) booleans; with the attention mask the forward gets, also their (N,) real-token layout."""
+        self.on, self.flat = on, None if attention_mask is None else on[attention_mask.bool()]
+
+    def select(self, x):  # x: (B, T, in) or (N, in) -> the gate as (B, T, 1) or (N, 1)
+        return (self.on if x.dim() == 3 else self.flat)[..., None].to(x.dtype)
+
+    def start(self, prompt_ids):
+        """Generation: off on the prompts, and no row verifies yet."""
+        self.verifying = set()
+        self.set(torch.zeros_like(prompt_ids, dtype=torch.bool))
+
+    def follow(self, tokenizer, out: list[list[int]], rows: list[int], device):
+        """Generation, after each step: a row verifies from the token that completes its VERIFY tag on."""
+        tag = TAGS[VERIFY]  # ASCII: at most len(tag) tokens hold it
+        self.verifying |= {r for r in rows if tag in tokenizer.decode(out[r][-len(tag):])}
+        self.set(torch.tensor([[r in self.verifying] for r in rows], device=device))
+
+    def params(self) -> dict:
+        """A and B under the names PEFT gives a LoRA adapter of these layers."""
+        return {f"base_model.model.{name}.lora_{ab}.weight": getattr(m, ab).weight
+                for name, m in self.layers.items() for ab in "AB"}
+
+    def save(self, folder: Path, base_model_name=None):
+        """PEFT's layout for a named adapter (a subfolder), the gating rule in its config."""
+        targets = sorted({name.rsplit(".", 1)[-1] for name in self.layers})
+        lora.write_adapter(folder, self.params(), self.r, self.alpha, 0.0, targets, base_model_name,
+                           tinyreason_gate=GATE_RULE)
+
+
+class VerifyLoRA(nn.Module):
+    """One projection's verification adapter: (alpha/r) B A x where the gate is on, 0 elsewhere (no output and no
+    gradient), added to its LoRALinear's output. fp32, B at zero: a fresh one changes nothing, as the first."""
+
+    def __init__(self, layer: lora.LoRALinear, gate: VerifyGate):
+        super().__init__()
+        self.gate, device = gate, layer.lora_A.weight.device
+        self.A = nn.Linear(layer.base.in_features, gate.r, bias=False, device=device)
+        self.B = nn.Linear(gate.r, layer.base.out_features, bias=False, device=device)
+        nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x):
+        return self.B(self.A(x.to(self.A.weight.dtype)) * self.gate.select(x)) * (self.gate.alpha / self.gate.r)
+
+
+def add_verify(layer, args, y):  # the forward hook of a LoRALinear with a verification adapter
+    return y + layer.verify(args[0]).to(y.dtype)
+
+
+def add_verify_adapter(model: nn.Module, r: int = 16, alpha: float = 32) -> nn.Module:
+    """A second LoRA on every projection the first one wraps; model.verify is its gate (set by train.compute_loss,
+    generate.generate)."""
+    model.verify = VerifyGate(r, alpha)
+    for name, layer in lora.lora_modules(model).items():
+        layer.verify = model.verify.layers[name] = VerifyLoRA(layer, model.verify)
+        layer.register_forward_hook(add_verify)
+    return model
+
+
+def load_verify(model: nn.Module, folder) -> nn.Module:
+    """The verification adapter saved by VerifyGate.save, on a model that has its first adapter."""
+    from safetensors.torch import load_file
+    config = lora.read_adapter_config(folder)
+    if config.get("tinyreason_gate") != GATE_RULE:
+        raise ValueError(f"{folder}: gating rule {config.get('tinyreason_gate')!r}, expected {GATE_RULE!r}")
+    params = add_verify_adapter(model, config["r"], config["lora_alpha"]).verify.params()
+    tensors = load_file(Path(folder) / "adapter_model.safetensors")
+    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(p.shape) for k, p in params.items()}:
+        raise ValueError(f"{folder}: its tensors do not match the projections of the first adapter")
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+    return model
+
+
+def parse(text: str) -> dict | None:
+    """The four stage bodies of an output's think block, or None when it lacks a tag or has them out of order."""
+    match = UPEV_RE.search(text.split("</think>")[0])
+    return match.groupdict() if match else None
+
+
+def arithmetic(text: str) -> str:
+    """Text with the writing differences of one computation removed: `$`, thousands separators, x for *."""
+    text = THOUSANDS_RE.sub("", text).replace("$", "")
+    return text.translate(str.maketrans({"x": "*", "×": "*", "÷": "/", "−": "-"}))
+
+
+def plan_faithfulness(plan: str, execute: str) -> tuple[int, int]:
+    """(carried out, planned): a PLAN line `N. expression` is carried out when EXECUTE holds the expression, up to
+    `arithmetic`'s differences, not inside a longer number."""
+    ops = [re.sub(r"\s", "", arithmetic(op)) for op in re.findall(r"^\s*\d+\.\s*(\S.*)$", plan, re.M)]
+    execute = re.sub(r"\s", "", arithmetic(execute))
+    return sum(bool(re.search(rf"(?<![\d.]){re.escape(op)}(?![\d.])", execute)) for op in ops), len(ops)
+
+
+def statements(text: str) -> list[tuple[str, str, bool]]:
+    """Each `expression = c` of the text, whole (`3*12+5 = 41`, where grade.step_validity reads `12+5 = 41`), as
+    (expression, c, true?): true when the calculator's value rounds to c at c's own decimals."""
+    found = [(re.sub(r"\s", "", e), c) for e, c in EXPRESSION_RE.findall(arithmetic(text))]
+    return [(e, c, (v := evaluate(e)) is not None and abs(float(v) - float(c)) <= 0.5 * 10 ** -len(c.partition(".")[2]))
+            for e, c in found]
+
+
+def metrics(text: str) -> dict:
+    """eval.py's per-output figures: true and all `a op b = c` statements of the reasoning; whether it is UPEV; and
+    for UPEV, the plan carried out and the false EXECUTE statements, and whether VERIFY flagged one of them (stated
+    its operation with another result)."""
+    true, total = step_validity(text.split("</think>")[0])
+    row = {"steps": [true, total], "upev": (stages := parse(text)) is not None}
+    if stages:
+        false = [(e, c) for e, c, ok in statements(stages["execute"]) if not ok]
+        rechecked = statements(stages["verify"])
+        row |= {"plan": list(plan_faithfulness(stages["plan"], stages["execute"])), "execute_false": len(false),
+                "flagged": any(e == e2 and float(c) != float(c2) for e, c in false for e2, c2, _ in rechecked)}
+    return row
+
+
+def ratio(k: int, n: int) -> str:
+    return f"{k / n:.4f} ({k}/{n})" if n else f"n/a ({k}/{n})"
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """The report lines of eval.py, over rows carrying `metrics` and `correct`."""
+    upev = [r for r in rows if r["upev"]]
+    wrong = [r for r in upev if r["execute_false"]]
+    flagged = [r for r in wrong if r["flagged"]]
+    return [f"step validity: {ratio(sum(r['steps'][0] for r in rows), sum(r['steps'][1] for r in rows))}",
+            f"UPEV format: {ratio(len(upev), len(rows))}",
+            f"plan faithfulness: {ratio(sum(r['plan'][0] for r in upev), sum(r['plan'][1] for r in upev))}",
+            f"self-verification: {ratio(len(flagged), len(wrong))} of outputs with a false EXECUTE statement "
+            f"flagged one in VERIFY; {ratio(sum(r['correct'] for r in flagged), len(flagged))} of those answered "
+            "correctly"]

@@ -1,0 +1,257 @@
+"""Step-aware reasoning: the UPEV format, stage ids per token, the stage-weighted loss, the gated verification
+adapter (training, generation, save/load) and the metrics.
+
+    python -m pytest tests/test_stages.py -q
+"""
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+from conftest import gsm8k_records
+
+import data
+import generate as gen
+import lora
+import stages
+import train
+from data import IGNORE
+from load import load_model
+from tinyreason import Qwen2
+from tokenizer import Tokenizer
+
+NATALIA = {
+    "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+                "How many clips did Natalia sell altogether in April and May?",
+    "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
+}
+NATALIA_UPEV = ("<think>\n"
+                "UNDERSTAND\n"
+                "Asked: How many clips did Natalia sell altogether in April and May?\n"
+                "Given: 48\n"
+                "PLAN\n"
+                "1. 48/2\n"
+                "2. 48+24\n"
+                "EXECUTE\n"
+                "Natalia sold 48/2 = 24 clips in May.\n"
+                "Natalia sold 48+24 = 72 clips altogether in April and May.\n"
+                "VERIFY\n"
+                "48/2 = 24 ✓\n"
+                "48+24 = 72 ✓\n"
+                "Answer 72 = step 2 ✓\n"
+                "</think>\n\n"
+                "**Final Answer:** 72")
+SCALER = torch.amp.GradScaler("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    return Tokenizer.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def upev_examples(tokenizer):
+    records = [stages.upev_record(r) for r in [NATALIA, *gsm8k_records(8)]]
+    return [data.build_example(tokenizer, r) for r in records if r["assistant"]][:4]
+
+
+def lora_model(checkpoint, verify=False):
+    """fp32 tiny model whose adapters' B are random, so every adapter weight gets a gradient."""
+    torch.manual_seed(0)
+    model = lora.inject(Qwen2.from_pretrained(checkpoint, dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    if verify:
+        stages.add_verify_adapter(model, r=2, alpha=4)
+    for name, p in model.named_parameters():
+        if name.endswith(("lora_B.weight", "verify.B.weight")):
+            torch.nn.init.normal_(p, std=0.1)
+    return model.train()
+
+
+def grads(model, part):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and part in n}
+
+
+def test_natalia_renders_to_the_four_stages():
+    assert stages.upev_record(NATALIA)["assistant"] == NATALIA_UPEV
+    assert data.format_example(stages.upev_record(NATALIA)) == (NATALIA["question"], NATALIA_UPEV)
+
+
+@pytest.mark.parametrize("answer", [
+    "She sold 48/2 = 24 clips.\n#### 24",  # no annotations
+    "She sold 48/2 = <<48/2=25>>25 clips.\n#### 25",  # an annotation that does not recompute
+    "She sold 48/2 = <<48/2=24>>24 clips, and 24 more.\n#### 48",  # no step computed the answer
+])
+def test_records_that_cannot_be_verified_are_skipped_and_counted_as_malformed(answer):
+    records = [stages.upev_record(r) for r in [NATALIA, {"question": "How many?", "answer": answer}]]
+    train_records, _, n_bad = data.prepare_splits(records, 0, 0.0, seed=0)
+    assert n_bad == 1 and [r["question"] for r in train_records] == [NATALIA["question"]]
+
+
+def test_a_record_with_the_four_stages_as_fields_is_rendered_as_given():
+    record = {"question": "q", "answer": "#### 1,000", "understand": "u", "plan": "p", "execute": "e ", "verify": "v"}
+    assert stages.upev_record(record)["assistant"] == (
+        "<think>\nUNDERSTAND\nu\nPLAN\np\nEXECUTE\ne\nVERIFY\nv\n</think>\n\n**Final Answer:** 1000")
+
+
+def test_a_ready_assistant_turn_is_kept():
+    record = {"question": "q", "answer": "#### 1", "assistant": "<think>\nmine\n</think>\n\n**Final Answer:** 1"}
+    assert stages.upev_record(record) == record
+
+
+def test_stage_ids_cover_exactly_the_targets_and_each_stage_starts_at_the_token_completing_its_tag(tokenizer):
+    ex = data.build_example(tokenizer, stages.upev_record(NATALIA))
+    assert [s == stages.NO_STAGE for s in ex["stages"]] == [label == IGNORE for label in ex["labels"]]
+    ends = [NATALIA_UPEV.index(tag) + len(tag) - 1 for tag in stages.TAGS[1:]]  # the tag line's "\n" is one token
+    expected = [NATALIA_UPEV[a:b] for a, b in zip([0, *ends], [*ends, len(NATALIA_UPEV)])]
+    for stage, text in enumerate(expected):
+        assert tokenizer.decode([t for t, s in zip(ex["input_ids"], ex["stages"]) if s == stage]) == text
+    assert ex["stages"][-1] == stages.VERIFY and ex["input_ids"][-1] == tokenizer.im_end_id  # the end counts too
+
+
+def test_a_plain_turn_is_one_stage(tokenizer):
+    ex = data.build_example(tokenizer, NATALIA)
+    assert {s for s, label in zip(ex["stages"], ex["labels"]) if label != IGNORE} == {stages.UNDERSTAND}
+
+
+def test_uniform_stage_weights_reproduce_plain_sft_exactly(tiny_checkpoint, upev_examples, tokenizer):
+    batches = [data.collate(upev_examples[:2], tokenizer.pad_id), data.collate(upev_examples[2:], tokenizer.pad_id)]
+    model = lora_model(tiny_checkpoint)
+    plain = train.accumulate_gradients(model, batches, nullcontext(), SCALER)
+    g_plain = grads(model, "lora_")
+    model.zero_grad()
+    weighted = train.accumulate_gradients(model, batches, nullcontext(), SCALER, weights=torch.ones(4))
+    assert weighted == plain
+    for name, g in grads(model, "lora_").items():
+        assert torch.equal(g, g_plain[name]), name
+
+
+def test_stage_weights_mix_the_per_stage_mean_gradients_by_weight_times_count(tiny_checkpoint, upev_examples,
+                                                                              tokenizer):
+    """With weights w the step's gradient is Σ_s w_s n_s g_s / Σ_s w_s n_s, g_s the mean gradient over the n_s
+    targets of stage s: masking every other stage's labels gives g_s and n_s."""
+    batch = data.collate(upev_examples, tokenizer.pad_id)
+    model = lora_model(tiny_checkpoint)
+    per_stage = []
+    for s in range(4):
+        alone = {**batch, "labels": batch["labels"].masked_fill(batch["stages"] != s, IGNORE)}
+        model.zero_grad()
+        _, n = train.accumulate_gradients(model, [alone], nullcontext(), SCALER)
+        per_stage.append((n, grads(model, "lora_")))
+    w = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    model.zero_grad()
+    train.accumulate_gradients(model, [batch], nullcontext(), SCALER, weights=w)
+    total = sum(w[s] * n for s, (n, _) in enumerate(per_stage))
+    for name, g in grads(model, "lora_").items():
+        expected = sum(w[s] * n * g_s[name] for s, (n, g_s) in enumerate(per_stage)) / total
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-7, msg=name)
+        assert not torch.allclose(g, sum(n * g_s[name] for n, g_s in per_stage) / sum(n for n, _ in per_stage))
+
+
+def test_stage_weights_need_the_upev_format():
+    with pytest.raises(ValueError, match="need --format upev"):
+        train.check_config(train.TrainConfig(stage_weights="1,1,1,2", output_dir="/nonexistent"))
+
+
+def test_verify_adapter_gets_exactly_zero_gradient_from_tokens_before_verify(tiny_checkpoint, upev_examples,
+                                                                            tokenizer):
+    batch = data.collate(upev_examples, tokenizer.pad_id)  # unequal lengths: the CPU runs the real tokens, (N, D)
+    assert not batch["attention_mask"].all()
+    model = lora_model(tiny_checkpoint, verify=True)
+    before = {**batch, "labels": batch["labels"].masked_fill(batch["stages"] == stages.VERIFY, IGNORE)}
+    train.accumulate_gradients(model, [before], nullcontext(), SCALER)
+    assert all((g == 0).all() for g in grads(model, "verify.").values())
+    assert all(g.abs().sum() > 0 for g in grads(model, "lora_").values())
+    model.zero_grad()
+    train.accumulate_gradients(model, [batch], nullcontext(), SCALER)
+    assert all(g.abs().sum() > 0 for g in grads(model, "verify.").values())
+
+
+def test_verify_adapter_changes_the_output_exactly_where_the_gate_is_on(tiny_checkpoint, upev_examples, tokenizer):
+    batch = data.collate(upev_examples, tokenizer.pad_id)
+    model = lora_model(tiny_checkpoint, verify=True).eval()
+    model.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
+    with torch.no_grad():
+        gated = model.hidden(batch["input_ids"], batch["attention_mask"])
+        for m in model.verify.layers.values():
+            m.B.weight.zero_()
+        plain = model.hidden(batch["input_ids"], batch["attention_mask"])
+    changed = (gated - plain).abs().amax(-1) > 1e-6  # (B, T)
+    assert torch.equal(changed, (batch["stages"] == stages.VERIFY))
+
+
+def test_generation_turns_the_gate_on_per_row_at_the_token_that_completes_its_verify_tag(tiny_checkpoint, tokenizer,
+                                                                                        monkeypatch):
+    model = lora_model(tiny_checkpoint, verify=True).eval()
+    scripts = [tokenizer.encode(text) for text in ("ab\nVERIFY\n1 2 3 4 5 6 7 8", "abc de fg hi\nVERIFY\n1 2 3 4")]
+    n = min(map(len, scripts))
+    gates, hidden = [], model.hidden  # the gate of each forward: the prompts', then each new token's
+    monkeypatch.setattr(model, "hidden", lambda *a: gates.append(model.verify.on.clone()) or hidden(*a))
+    monkeypatch.setattr(gen, "sample", lambda *a: torch.tensor([s[len(gates) - 1] for s in scripts]))  # the script
+    out = gen.generate(model, tokenizer, [[1, 2, 3], [4, 5]], n)
+    assert out == [s[:n] for s in scripts] and not gates[0].any()
+    on = [[bool(g[row, 0]) for g in gates[1:]] for row in range(2)]
+    for row, ids in enumerate(out):  # as in training, but the last token, which no forward reads
+        assert on[row] == [s == stages.VERIFY for s in stages.token_stages(tokenizer, ids)][:n - 1]
+    assert True in on[0] and True in on[1] and on[0].index(True) != on[1].index(True)
+
+
+def test_both_adapters_save_side_by_side_and_load_back(tiny_checkpoint, tmp_path, upev_examples, tokenizer):
+    model = lora_model(tiny_checkpoint, verify=True).eval()
+    lora.save_adapter(model, tmp_path, "tiny")
+    config = json.loads((tmp_path / "verify" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["tinyreason_gate"]) == (2, 4, stages.GATE_RULE)
+    from safetensors.torch import load_file
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == set(lora.lora_state_dict(model))
+    loaded, _ = load_model(tiny_checkpoint, tmp_path, "none", torch.float32, "cpu")
+    batch = data.collate(upev_examples, tokenizer.pad_id)
+    outputs = []
+    for m in (model, loaded):
+        m.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
+        with torch.no_grad():
+            outputs.append(m.hidden(batch["input_ids"], batch["attention_mask"]))
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+
+
+def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapters(tiny_checkpoint, tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(16)))
+    train.main(["--model", str(tiny_checkpoint), "--data", str(path), "--output_dir", str(tmp_path / "out"),
+                "--adapter_path", str(tmp_path / "adapter"), "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2",
+                "--batch_size", "2", "--gradient_accumulation_steps", "1", "--validation_split", "0.25",
+                "--quantize", "none", "--format", "upev", "--stage_weights", "1,1,2,2", "--verify_adapter",
+                "--verify_r", "2"])
+    model, _ = load_model(tiny_checkpoint, tmp_path / "adapter", "none", torch.float32, "cpu")
+    assert model.verify.r == 2 and any(m.B.weight.abs().sum() > 0 for m in model.verify.layers.values())
+
+
+UPEV_OUTPUT = ("<think>\nUNDERSTAND\nAsked: How many?\nGiven: 48\nPLAN\n1. 48/2\n2. 48 + 24\n3. 72 x 2\n"
+               "EXECUTE\nShe sold 48/2 = 25 clips.\nThen 48 + 24 = 72.\nVERIFY\n{verify}\n</think>\n\n"
+               "**Final Answer:** {answer}")
+
+
+def test_step_validity_counts_true_statements_of_the_reasoning_only():
+    row = stages.metrics("<think>\n2+2 = 4\n3*3 = 10\n</think>\n\n**Final Answer:** 5 + 5 = 10")
+    assert row["steps"] == [1, 2] and not row["upev"]
+
+
+def test_plan_faithfulness_counts_the_planned_operations_execute_carries_out():
+    row = stages.metrics(UPEV_OUTPUT.format(verify="48/2 = 24 ✓", answer="72"))
+    assert row["upev"] and row["plan"] == [2, 3]
+
+
+@pytest.mark.parametrize("verify, flagged", [("48/2 = 24 ✗\n48+24 = 72 ✓", True), ("48/2 = 25 ✓", False),
+                                             ("all good ✓", False)])
+def test_verify_flags_a_false_execute_statement_when_it_states_another_result(verify, flagged):
+    row = stages.metrics(UPEV_OUTPUT.format(verify=verify, answer="72"))
+    assert (row["execute_false"], row["flagged"]) == (1, flagged)
+
+
+def test_summary_reports_flagged_outputs_and_how_many_of_those_were_answered_correctly():
+    rows = [stages.metrics(UPEV_OUTPUT.format(verify=v, answer=a)) | {"correct": c} for v, a, c in
+            [("48/2 = 24", "72", True), ("48/2 = 24", "73", False), ("48/2 = 25", "73", False)]]
+    rows.append(stages.metrics("<think>\n1+1 = 2\n</think>\n\n**Final Answer:** 2") | {"correct": True})
+    assert stages.summary(rows) == [
+        "step validity: 0.6000 (6/10)", "UPEV format: 0.7500 (3/4)", "plan faithfulness: 0.6667 (6/9)",
+        "self-verification: 0.6667 (2/3) of outputs with a false EXECUTE statement flagged one in VERIFY; "
+        "0.5000 (1/2) of those answered correctly"]
