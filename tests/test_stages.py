@@ -255,3 +255,22 @@ def test_summary_reports_flagged_outputs_and_how_many_of_those_were_answered_cor
         "step validity: 0.6000 (6/10)", "UPEV format: 0.7500 (3/4)", "plan faithfulness: 0.6667 (6/9)",
         "self-verification: 0.6667 (2/3) of outputs with a false EXECUTE statement flagged one in VERIFY; "
         "0.5000 (1/2) of those answered correctly"]
+
+
+def test_peft_loads_the_first_adapter_as_our_gate_off_and_both_as_our_gate_on_everywhere(tiny_checkpoint, tmp_path):
+    from peft import PeftModel
+    from transformers import Qwen2ForCausalLM
+    model = lora_model(tiny_checkpoint, verify=True).eval()
+    lora.save_adapter(model, tmp_path, str(tiny_checkpoint))
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+
+    def ours(gate):
+        model.verify.set(torch.full(ids.shape, gate))
+        with torch.no_grad():
+            return model(ids)
+    peft = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(tiny_checkpoint).float(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids).logits, ours(False), rtol=1e-4, atol=1e-5)
+        peft.load_adapter(tmp_path / "verify", adapter_name="verify")
+        peft.base_model.set_adapter(["default", "verify"])  # PEFT has no per-token gate: on everywhere
+        torch.testing.assert_close(peft(ids).logits, ours(True), rtol=1e-4, atol=1e-5)
