@@ -50,7 +50,7 @@ PRESETS = {
 }
 PARTS = ("reward", "correct", "format", "reasoning")
 COMMON = dict(length_penalty=0.0, reward_weights="1.0,0.1,0.0", format="tinyreason", temperature=1.0, group_size=8)
-FIXED_ON_RESUME = ("model", "adapter", "data", "zone", "algo", "format", "group_size", "prompts_per_step",
+FIXED_ON_RESUME = ("model", "adapter", "data", "zone", "algo", "format", "calculator", "group_size", "prompts_per_step",
                    "eval_samples", "quantize", "lora_r", "lora_alpha", "seed")
 
 
