@@ -35,6 +35,12 @@ def tool_output(text: str) -> str | None:
 def evaluate(expr: str) -> str | None:
     """The value of an arithmetic expression written as GSM8K writes it ("24", "0.5", "3.33"), or None when it
     is not one this tool reads, divides by zero or is too large."""
+    exact = value(expr)
+    return None if exact is None else write(exact)
+
+
+def value(expr: str) -> Fraction | None:
+    """The exact value of an arithmetic expression, or None when it is not one this tool reads."""
     if len(expr) > MAX_CHARS:
         return None
     tokens = TOKEN.findall(expr)
@@ -42,12 +48,10 @@ def evaluate(expr: str) -> str | None:
         return None
     try:
         parser = Parser(tokens)
-        value = parser.sum(0)
-        if parser.peek() is not None:
-            return None
+        exact = parser.sum(0)
+        return exact if parser.peek() is None else None
     except (Unreadable, ZeroDivisionError):
         return None
-    return write(value)
 
 
 class Parser:

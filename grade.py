@@ -6,6 +6,9 @@ free-form model answers: currency, units, number words, fractions, percentages, 
 """
 import math
 import re
+from fractions import Fraction
+
+import calculator
 
 NUMBER = r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)"  # "-5" but not the "-3" of "16-3"
 NUMBER_RE = re.compile(rf"({NUMBER})(?:\s*/\s*({NUMBER}))?")  # an optional "/denominator" makes a simple fraction
@@ -27,7 +30,8 @@ STRICT_RE = {"tinyreason": re.compile(THINK + r"\*\*Final Answer:\*\*[ \t]*(?P<a
              "answer_tags": re.compile(THINK + r"<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
              "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}[\s.$]*", re.S)}
 TAGS = ("<think>", "</think>", "<answer>", "</answer>", "**Final Answer:**", "\\boxed{")
-STATEMENT_RE = re.compile(rf"({NUMBER})\s*([-+*/x×÷])\s*({NUMBER})\s*=\s*({NUMBER})")  # "48 / 2 = 24"
+# "48 / 2 = 24", "60 + 120 - 10 = 170": a chain of numbers and operators, then = and a number
+STATEMENT_RE = re.compile(rf"(?<![\d.])({NUMBER}(?:\s*[-+*/x×÷]\s*{NUMBER})+)\s*=\s*({NUMBER})")
 
 
 def is_compliant(text: str, style: str) -> bool:
@@ -53,16 +57,22 @@ def strict_format(text: str, style: str) -> re.Match | None:
     return STRICT_RE[style].fullmatch(text)
 
 
+def statements(text: str) -> list[tuple[str, str, bool]]:
+    """Each `a op b ... = c` of the text, the whole chain (`60 + 120 - 10 = 170`), as (expression, c, true?): true
+    when its exact value is c, or rounds to c at c's own decimals (`10/3 = 3.33`; `10/3 = 3` is false)."""
+    out = []
+    for expr, c in STATEMENT_RE.findall(THOUSANDS_RE.sub("", text)):
+        exact = calculator.value(expr.replace("x", "*").replace("×", "*").replace("÷", "/"))
+        decimals = len(c.partition(".")[2])
+        out.append((expr, c, exact is not None and (exact == Fraction(c) or decimals > 0 and
+                                                    round(exact, decimals) == Fraction(c))))
+    return out
+
+
 def step_validity(text: str) -> tuple[int, int]:
-    """(true, all) arithmetic statements `a op b = c` in the text; c may be rounded to its own decimals."""
-    statements = STATEMENT_RE.findall(THOUSANDS_RE.sub("", text))
-    true = 0
-    for a, op, b, c in statements:
-        a, b, c = float(a), float(b), float(c)
-        value = {"+": a + b, "-": a - b, "*": a * b, "x": a * b, "×": a * b}.get(op, a / b if b else math.nan)
-        decimals = len(f"{c}".split(".")[1].rstrip("0")) if "." in f"{c}" else 0
-        true += abs(value - c) <= 0.5 * 10 ** -decimals + 1e-9
-    return true, len(statements)
+    """(true, all) arithmetic statements in the text."""
+    found = statements(text)
+    return sum(ok for _, _, ok in found), len(found)
 
 
 def rewards(text: str, gold: str, style: str, stopped: bool) -> dict[str, float]:

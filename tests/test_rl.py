@@ -108,6 +108,16 @@ def test_reasoning_reward_is_the_fraction_of_true_statements_and_needs_the_forma
     assert grade.rewards(THINK + "72\nmore", "72", "tinyreason", True)["reasoning"] == 0.0
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("60 + 120 - 10 = 170", (1, 1)),  # a chain is read whole, not as its last `120 - 10 = 170`
+    ("10/3 = 3.33, 10/3 = 3, 7/2 = 3.5", (2, 3)),  # rounding only to the written decimals
+    ("1,200 + 300 = 1,500 and 2 x 3 = 7", (1, 2)),
+    ("1/0 = 5 and 5 apples", (0, 1)),
+])
+def test_step_validity_checks_each_written_statement_exactly(text, expected):
+    assert grade.step_validity(text) == expected
+
+
 def test_answer_tag_and_boxed_styles_read_their_own_span():
     assert grade.rewards("<think>2+3 = 5</think>\n<answer>5</answer>", "5", "answer_tags", True) == \
         {"correct": 1.0, "format": 1.0, "reasoning": 1.0}
