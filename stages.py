@@ -36,7 +36,7 @@ from torch import nn
 
 import lora
 from calculator import evaluate
-from grade import THOUSANDS_RE, step_validity
+from grade import THOUSANDS_RE, statements, step_validity
 
 STAGES = ("UNDERSTAND", "PLAN", "EXECUTE", "VERIFY")
 UNDERSTAND, PLAN, EXECUTE, VERIFY = range(4)
@@ -46,8 +46,6 @@ FIELDS = tuple(s.lower() for s in STAGES)  # a trajectory record's stage fields
 GATE_RULE = {"on_from_tag": TAGS[VERIFY]}  # in the verification adapter's config: eval.py and chat.py restore it
 ANNOTATION = re.compile(r"<<([^<>]*)>>")
 QUANTITY = re.compile(r"\d[\d,]*(?:\.\d+)?")
-NUMBER = r"\(*\d*\.?\d+\)*"
-EXPRESSION_RE = re.compile(rf"(?<![\d.])({NUMBER}(?:\s*[-+*/]\s*{NUMBER})+)\s*=\s*(-?\d*\.?\d+)")  # `arithmetic` text
 UPEV_RE = re.compile("".join(f"{re.escape(tag)}(?P<{f}>.*?)" for tag, f in zip(TAGS, FIELDS)) + "$", re.S)
 
 
@@ -72,10 +70,10 @@ def from_gsm8k(question: str, solution: str) -> str | None:
     asked = next((s for s in reversed(sentences) if s.endswith("?")), sentences[-1])
     given = ", ".join(dict.fromkeys(q.replace(",", "") for q in QUANTITY.findall(question))) or "none"
     step = len(values) - values[::-1].index(evaluate(final))  # the last step that computed the answer
-    checks = [f"{expression} = {v} ✓" for (expression, _, _), v in zip(calls, values)]
+    lines = [f"{expression} = {v} ✓" for (expression, _, _), v in zip(calls, values)]
     return render(f"Asked: {asked}\nGiven: {given}",
                   "\n".join(f"{i}. {expression}" for i, (expression, _, _) in enumerate(calls, 1)),
-                  ANNOTATION.sub("", body).strip(), "\n".join(checks + [f"Answer {final} = step {step} ✓"]), final)
+                  ANNOTATION.sub("", body).strip(), "\n".join(lines + [f"Answer {final} = step {step} ✓"]), final)
 
 
 def upev_record(record: dict) -> dict:
@@ -209,12 +207,10 @@ def plan_faithfulness(plan: str, execute: str) -> tuple[int, int]:
     return sum(bool(re.search(rf"(?<![\d.]){re.escape(op)}(?![\d.])", execute)) for op in ops), len(ops)
 
 
-def statements(text: str) -> list[tuple[str, str, bool]]:
-    """Each `expression = c` of the text, whole (`3*12+5 = 41`, where grade.step_validity reads `12+5 = 41`), as
-    (expression, c, true?): true when the calculator's value rounds to c at c's own decimals."""
-    found = [(re.sub(r"\s", "", e), c) for e, c in EXPRESSION_RE.findall(arithmetic(text))]
-    return [(e, c, (v := evaluate(e)) is not None and abs(float(v) - float(c)) <= 0.5 * 10 ** -len(c.partition(".")[2]))
-            for e, c in found]
+def checks(text: str) -> list[tuple[str, str, bool]]:
+    """grade.statements with each expression up to `arithmetic`'s differences and without spaces, so a statement
+    and its re-check compare equal."""
+    return [(re.sub(r"\s", "", e), c, ok) for e, c, ok in statements(arithmetic(text))]
 
 
 def metrics(text: str) -> dict:
@@ -224,8 +220,8 @@ def metrics(text: str) -> dict:
     true, total = step_validity(text.split("</think>")[0])
     row = {"steps": [true, total], "upev": (stages := parse(text)) is not None}
     if stages:
-        false = [(e, c) for e, c, ok in statements(stages["execute"]) if not ok]
-        rechecked = statements(stages["verify"])
+        false = [(e, c) for e, c, ok in checks(stages["execute"]) if not ok]
+        rechecked = checks(stages["verify"])
         row |= {"plan": list(plan_faithfulness(stages["plan"], stages["execute"])), "execute_false": len(false),
                 "flagged": any(e == e2 and float(c) != float(c2) for e, c in false for e2, c2, _ in rechecked)}
     return row
