@@ -5,9 +5,10 @@
     python train.py --resume                           # continue the newest checkpoint in --output_dir, as it was
     python train.py --config run.json --max_steps 100  # fields from JSON (e.g. an experiment_config.json); flags win
 
-A step divides the summed token losses of its micro-batches by the target tokens of all of them, so
-accumulation 4 x batch 1 equals batch 4 (with --stage_weights, the summed w * loss by the summed w: stages.py). Only the fp32 LoRA matrices train, so all of them get weight decay
-(there are no trainable biases or norms to exempt). Checkpoints, resume and Ctrl-C are loop.py's: a resumed run
+A step divides the summed token losses of its micro-batches by the target tokens of all of them (with
+--stage_weights, the summed w * loss by the summed w: stages.py), so accumulation 4 x batch 1 equals batch 4.
+Only the fp32 LoRA matrices train, so all of them get weight decay (there are no trainable biases or norms to
+exempt). Checkpoints, resume and Ctrl-C are loop.py's: a resumed run
 ends bit-identical to one never stopped. The checkpoint with the lowest validation loss becomes --adapter_path.
 """
 import json
