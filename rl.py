@@ -331,7 +331,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
                                   len(completions) - sum(stopped), float(zero_std.sum()) * G)
     stats = dict(zip((*PARTS, "len_mean", "truncated", "frac_zero_std"), (s / n for s in sums)))
     stats |= dict(len_max=int(loop.all_ranks_sum(int(lengths.max()), op=loop.dist.ReduceOp.MAX)[0]), **update, lr=lr,
-                  t_gen=t_gen, t_ref=t_ref, t_update=time.time() - t2)
+                  t_gen=t_gen, t_ref=t_ref, t_update=time.time() - t2, peak_gb=loop.peak_memory_gb(device))
     return stats, texts[0]
 
 
@@ -426,7 +426,8 @@ def main(argv=None) -> dict:
                 f"{s['format']:.2f} reasoning {s['reasoning']:.2f}) | zero-std {s['frac_zero_std']:.2f} | len "
                 f"{s['len_mean']:.0f}/{s['len_max']} | trunc {s['truncated']:.2f} | clip {s['clip_low']:.3f}/"
                 f"{s['clip_high']:.3f} | kl {s['kl']:.4f} | ρ {s['ratio']:.3f} | grad norm {s['grad_norm']:.3f} | "
-                f"lr {s['lr']:.2e} | gen {s['t_gen']:.1f}s ref {s['t_ref']:.1f}s update {s['t_update']:.1f}s")
+                f"lr {s['lr']:.2e} | gen {s['t_gen']:.1f}s ref {s['t_ref']:.1f}s update {s['t_update']:.1f}s | "
+                f"peak {s['peak_gb']:.2f} GB")
             done = state["step"] == cfg.max_steps
             if state["step"] % cfg.logging_steps == 0:
                 log(f"sample completion:\n{sample}\n")
