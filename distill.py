@@ -22,7 +22,7 @@ from tqdm import tqdm
 import data
 import grade
 import loop
-from generate import generate
+from generate import generate, stopped
 from load import QUANTIZE, load_model, resolve_precision
 
 TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by-step. Think step by step inside "
@@ -62,7 +62,7 @@ def rewrite(text: str, gold: str) -> str | None:
 def select(samples: list[tuple[str, bool]], gold: str, keep: int) -> tuple[list[str], int]:
     """Samples (text, stopped) -> (up to `keep` correct ones rewritten, distinct, shortest first; how many were
     correct)."""
-    correct = [text for text, stopped in samples if grade.rewards(text, gold, "tinyreason", stopped)["correct"]]
+    correct = [text for text, ended in samples if grade.rewards(text, gold, "tinyreason", ended)["correct"]]
     kept = sorted({t for t in (rewrite(c, gold) for c in correct) if t}, key=lambda t: (len(t), t))
     return kept[:keep], len(correct)
 
@@ -91,11 +91,10 @@ def main(argv=None):
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
         completions = generate(model, tokenizer, [teacher_prompt(tokenizer, r["question"]) for _, r in batch],
                                cfg.max_new_tokens, cfg.temperature, num_samples=n, keep_stop=True, generator=generator)
-        stops = (tokenizer.im_end_id, tokenizer.pad_id)
         lines = []
         for j, (_, record) in enumerate(batch):
             rows = completions[j * n:(j + 1) * n]
-            samples = [(tokenizer.decode(c), bool(c) and c[-1] in stops) for c in rows]
+            samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in rows]
             gold = data.gold_answer(record)
             traces, n_correct = select(samples, gold, cfg.keep_per_question)
             lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})

@@ -35,6 +35,16 @@ def share_prefill(cache: KVCache, n: int):
     cache.keep(torch.arange(cache.batch, device=cache.mask.device).repeat_interleave(n))
 
 
+def stop_tokens(tokenizer) -> list[int]:
+    """What ends a row by default: the assistant's <|im_end|>, or <|endoftext|>."""
+    return [tokenizer.im_end_id, tokenizer.pad_id]
+
+
+def stopped(ids: list[int], tokenizer) -> bool:
+    """Whether a row generated with keep_stop ended on a default stop token (else it was cut at the length)."""
+    return bool(ids) and ids[-1] in stop_tokens(tokenizer)
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
              num_samples=1, keep_stop=False, generator=None, calculator=False, forced=None):
@@ -47,7 +57,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     of those tokens (they are the tool's, not the model's: RL does not train on them). A model with stages.py's
     verification adapter has it on for a row from the token that completes the row's VERIFY tag."""
     param = model.model.embed_tokens.weight
-    stop = torch.tensor(stop_ids or [tokenizer.im_end_id, tokenizer.pad_id], device=param.device)
+    stop = torch.tensor(stop_ids or stop_tokens(tokenizer), device=param.device)
     ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
     cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens, param.dtype,
                     param.device)

@@ -32,7 +32,7 @@ import data
 import grade
 import lora
 import loop
-from generate import generate
+from generate import generate, stopped
 from load import DEFAULT_ADAPTER, QUANTIZE, dtype_name, load_base, resolve_model_flags
 from loop import log
 from tinyreason import resolve_checkpoint, token_logprobs
@@ -158,9 +158,9 @@ def question_indices(n: int, per_step: int, seed: int, position: tuple[int, int]
     return out, (epoch, index)
 
 
-def compute_rewards(texts, completions, golds, stopped, cfg) -> dict[str, torch.Tensor]:
+def compute_rewards(texts, completions, golds, ended, cfg) -> dict[str, torch.Tensor]:
     """Reward parts per completion (N,) and their weighted sum under "reward"."""
-    parts = [grade.rewards(t, g, cfg.format, s) for t, g, s in zip(texts, golds, stopped)]
+    parts = [grade.rewards(t, g, cfg.format, s) for t, g, s in zip(texts, golds, ended)]
     out = {k: torch.tensor([p[k] for p in parts]) for k in PARTS[1:]}
     out["reward"] = sum(float(w) * out[k] for w, k in zip(cfg.reward_weights.split(","), PARTS[1:]))
     return out
@@ -299,18 +299,17 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
                            num_samples=G, keep_stop=True, generator=generator, calculator=cfg.calculator,
                            forced=forced)
     model.train()
-    stops = {tokenizer.im_end_id, tokenizer.pad_id}
-    stopped = [bool(c) and c[-1] in stops for c in completions]
+    ended = [stopped(c, tokenizer) for c in completions]
     texts = [tokenizer.decode(c) for c in completions]
     golds = [data.gold_answer(q) for q in questions for _ in range(G)]
-    r = compute_rewards(texts, completions, golds, stopped, cfg)
+    r = compute_rewards(texts, completions, golds, ended, cfg)
     lengths = torch.tensor([len(c) for c in completions])
     adv, zero_std = advantages(r["reward"].view(-1, G), lengths.view(-1, G), cfg.advantage, cfg.length_penalty)
     active = lengths > 0
     if cfg.zero_std == "drop":
         active &= ~zero_std.repeat_interleave(G)
     if cfg.mask_truncated:
-        active &= torch.tensor(stopped)
+        active &= torch.tensor(ended)
     t_gen, t1 = time.time() - t0, time.time()
 
     keep = active.nonzero().squeeze(1).tolist()  # only what trains is forwarded again
@@ -328,7 +327,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     update = (policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) if totals[0] else
               dict(clip_low=0.0, clip_high=0.0, kl=0.0, ratio=1.0, grad_norm=0.0))  # every group had equal rewards
     n, *sums = loop.all_ranks_sum(len(completions), *(float(r[k].sum()) for k in PARTS), float(lengths.sum()),
-                                  len(completions) - sum(stopped), float(zero_std.sum()) * G)
+                                  len(completions) - sum(ended), float(zero_std.sum()) * G)
     stats = dict(zip((*PARTS, "len_mean", "truncated", "frac_zero_std"), (s / n for s in sums)))
     stats |= dict(len_max=int(loop.all_ranks_sum(int(lengths.max()), op=loop.dist.ReduceOp.MAX)[0]), **update, lr=lr,
                   t_gen=t_gen, t_ref=t_ref, t_update=time.time() - t2, peak_gb=loop.peak_memory_gb(device))
@@ -345,8 +344,7 @@ def held_out_accuracy(model, tokenizer, records, cfg, batch_size=16) -> tuple[fl
         prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in chunk]
         for q, c in zip(chunk, generate(model, tokenizer, prompts, cfg.max_new_tokens, keep_stop=True,
                                         calculator=cfg.calculator)):
-            stopped = bool(c) and c[-1] in (tokenizer.im_end_id, tokenizer.pad_id)
-            parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped))
+            parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped(c, tokenizer)))
     model.train()
     correct, fmt, n = loop.all_ranks_sum(sum(p["correct"] for p in parts), sum(p["format"] for p in parts), len(parts))
     return correct / n, fmt / n
