@@ -234,11 +234,10 @@ class Metrics:
 
 def check_report_to(report_to: str) -> list[str]:
     """The problem with --report_to, if any, found before anything loads."""
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
     if report_to not in ("none", "tensorboard", "wandb"):
         return [f"--report_to {report_to!r}: expected none, tensorboard or wandb"]
-    if package and importlib.util.find_spec(package) is None:
-        return [f"--report_to {report_to}: the {package} package is not installed (pip install {package}), "
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:  # the package has the option's name
+        return [f"--report_to {report_to}: the {report_to} package is not installed (pip install {report_to}), "
                 "or use --report_to none"]
     return []
 
