@@ -32,6 +32,7 @@ TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by
 @dataclass
 class DistillConfig:
     teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local Qwen2 checkpoint folder
+    teacher_format: str = "tinyreason"  # the teacher's prompt: tinyreason (ours), or boxed (Qwen's math prompt)
     adapter: str = "none"  # a LoRA adapter on the teacher, or none
     data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
     split: str = "train"
@@ -48,22 +49,26 @@ class DistillConfig:
     out: str = "traces.jsonl"
 
 
-def teacher_prompt(tokenizer, question: str) -> list[int]:
-    return tokenizer.apply_chat(data.prompt_messages(question, TEACHER_SYSTEM))
+def teacher_prompt(tokenizer, question: str, style: str = "tinyreason") -> list[int]:
+    return data.prompt_ids(tokenizer, question, style, TEACHER_SYSTEM)
 
 
-def rewrite(text: str, gold: str) -> str | None:
+def rewrite(text: str, gold: str, style: str = "tinyreason") -> str | None:
     """A sample in the exact assistant turn train.py renders (think block, blank line, the answer line), or None
-    when it is not in the strict format."""
-    shape = grade.strict_format(text, "tinyreason")
-    return shape and f"<think>\n{shape['think'].strip()}\n</think>\n\n**Final Answer:** {gold}"
+    when it is not in the strict format. A boxed sample's whole text is the reasoning, its \\boxed{72} unboxed to
+    72: a small model that cannot yet write our tags still reasons well in the format it knows."""
+    shape = grade.strict_format(text, style)
+    if not shape:
+        return None
+    think = shape["think"] if style == "tinyreason" else text.replace(f"\\boxed{{{shape['answer']}}}", shape["answer"])
+    return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {gold}"
 
 
-def select(samples: list[tuple[str, bool]], gold: str, keep: int) -> tuple[list[str], int]:
+def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "tinyreason") -> tuple[list[str], int]:
     """Samples (text, stopped) -> (up to `keep` correct ones rewritten, distinct, shortest first; how many were
     correct)."""
-    correct = [text for text, ended in samples if grade.rewards(text, gold, "tinyreason", ended)["correct"]]
-    kept = sorted({t for t in (rewrite(c, gold) for c in correct) if t}, key=lambda t: (len(t), t))
+    correct = [text for text, ended in samples if grade.rewards(text, gold, style, ended)["correct"]]
+    kept = sorted({t for t in (rewrite(c, gold, style) for c in correct) if t}, key=lambda t: (len(t), t))
     return kept[:keep], len(correct)
 
 
@@ -71,6 +76,8 @@ def main(argv=None):
     cfg = loop.parse_config(DistillConfig, argv, description=__doc__)
     if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
+    if cfg.teacher_format not in ("tinyreason", "boxed"):
+        raise ValueError(f"--teacher_format {cfg.teacher_format!r}: expected tinyreason or boxed")
     if cfg.quantize not in QUANTIZE:
         raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {QUANTIZE}")
     records = [r for r in data.load_records(cfg.data, cfg.split) if data.format_example(r)]
@@ -89,14 +96,14 @@ def main(argv=None):
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start:start + cfg.batch_size]
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
-        completions = generate(model, tokenizer, [teacher_prompt(tokenizer, r["question"]) for _, r in batch],
+        completions = generate(model, tokenizer, [teacher_prompt(tokenizer, r["question"], cfg.teacher_format) for _, r in batch],
                                cfg.max_new_tokens, cfg.temperature, num_samples=n, keep_stop=True, generator=generator)
         lines = []
         for j, (_, record) in enumerate(batch):
             rows = completions[j * n:(j + 1) * n]
             samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in rows]
             gold = data.gold_answer(record)
-            traces, n_correct = select(samples, gold, cfg.keep_per_question)
+            traces, n_correct = select(samples, gold, cfg.keep_per_question, cfg.teacher_format)
             lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})
                       for t in traces or [""]]
             seen, kept, tokens = seen + 1, kept + len(traces), tokens + sum(map(len, rows))

@@ -13,7 +13,7 @@ import torch
 
 import lora
 import stages
-from quant import footprint_gb, quantize_block
+from quant import dequantize_for_inference, footprint_gb, quantize_block
 from tinyreason import Qwen2, resolve_checkpoint
 from tokenizer import Tokenizer
 
@@ -64,13 +64,16 @@ def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4") 
 
 def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenizer]:
     """Base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base alone), and the
-    verification adapter in its verify/ subfolder when there is one (stages.py)."""
+    verification adapter in its verify/ subfolder when there is one (stages.py). For inference: on a CPU the NF4
+    weights are dequantized once, the same numbers without the per-step dequantization (quant.py)."""
     path = resolve_checkpoint(model)
     net = load_base(path, dtype, device, quantize)
     if adapter is not None:
         lora.load_adapter(net, adapter)
         if (Path(adapter) / "verify").is_dir():
             stages.load_verify(net, Path(adapter) / "verify")
+    if quantize == "nf4" and torch.device(device).type == "cpu":
+        dequantize_for_inference(net)
     return net.eval(), Tokenizer.from_pretrained(path)
 
 

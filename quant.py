@@ -56,6 +56,21 @@ def quantize_block(block: nn.Module):
                 setattr(parent, name, to_nf4(child))
 
 
+def dequantize_for_inference(model: nn.Module):
+    """Every NF4 linear, in place, as a frozen 16-bit Linear holding its dequantized weight: the very numbers each
+    NF4 matmul computes, dequantized once instead of at every decoding step. For inference where memory holds the
+    16-bit weights, as a CPU's RAM does (batch-1 chat on the 0.5B: README); a GPU keeps NF4 and bitsandbytes'
+    fused kernels."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if is_nf4(child):
+                dense = Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                dense.weight = nn.Parameter(dequantize(child), requires_grad=False)
+                dense.bias = child.bias
+                setattr(parent, name, dense)
+    return model
+
+
 def is_nf4(module: nn.Module) -> bool:
     return isinstance(module, NF4Linear)
 

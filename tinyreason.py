@@ -295,7 +295,7 @@ class Qwen2(nn.Module):
             if t.shape != getattr(module, leaf).shape:
                 raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(getattr(module, leaf).shape)}")
-            # copy=True: a tensor of the memory-mapped file would keep its pages resident after quantization
+            # copy=True: never a view of the mapped file, which would keep it resident
             setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype, copy=True), requires_grad=False))
             if on_block and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
                 on_block(model.get_submodule(module_name.rsplit(".", 2)[0]))
@@ -341,16 +341,23 @@ def token_logprobs(model, hidden, targets, temperature=1.0):
 
 
 def checkpoint_tensors(folder):
-    """name -> loader of that tensor, for a single or sharded safetensors checkpoint (read lazily, memory-mapped)."""
+    """name -> loader of that tensor, for a single or sharded safetensors checkpoint. Each loader maps its file for
+    one tensor only: a mapped file's pages count as the process's resident memory while it stays open, so a handle
+    kept for the whole load held the file and its copies at once (peak 2.77 against 1.81 GB for the 0.5B in bf16,
+    3.47 against 1.44 GB in NF4)."""
     from safetensors import safe_open
     index = folder / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+
+    def load(path, name):
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(name)
     tensors = {}
     for f in files:
         if not (folder / f).exists():
             raise FileNotFoundError(f"{folder}: no {f}" + (" (listed in model.safetensors.index.json)" if index.exists() else ""))
-        handle = safe_open(str(folder / f), framework="pt")
-        tensors.update({name: partial(handle.get_tensor, name) for name in handle.keys()})
+        with safe_open(str(folder / f), framework="pt") as handle:
+            tensors.update({name: partial(load, str(folder / f), name) for name in handle.keys()})
     return tensors
 
 

@@ -43,6 +43,13 @@ def test_a_trace_record_renders_to_exactly_the_training_turn(tiny_checkpoint):
     assert data.format_example({**NATALIA, "assistant": ""}) is None  # no correct sample: skipped by train.py
 
 
+def test_a_boxed_teacher_sample_becomes_our_format_with_its_whole_reasoning():
+    boxed = "She sold 48/2 = 24 in May, so 48+24 = \\boxed{72}."
+    kept, n_correct = distill.select([(boxed, True), (boxed.replace("72", "70"), True)], "72", keep=1, style="boxed")
+    assert n_correct == 1
+    assert kept == ["<think>\nShe sold 48/2 = 24 in May, so 48+24 = 72.\n</think>\n\n**Final Answer:** 72"]
+
+
 @pytest.fixture
 def stub_teacher(monkeypatch):
     """The teacher answers every question with RIGHT, LONGER, a wrong answer and an unfinished one."""

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from load import load_base
-from quant import dequantize, footprint_gb, is_nf4, to_nf4
+from load import load_base, load_model
+from quant import dequantize, dequantize_for_inference, footprint_gb, is_nf4, to_nf4
 from tinyreason import PROJECTIONS, Qwen2
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -96,6 +96,22 @@ def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
     ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(nf4(ids), ref(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_dequantizing_once_for_inference_gives_the_very_same_logits(tiny_checkpoint):
+    nf4 = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+    ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = nf4(ids)
+        dense = dequantize_for_inference(nf4)
+        assert not any(is_nf4(m) for m in dense.modules())
+        assert torch.equal(dense(ids), before)
+
+
+def test_inference_loading_on_a_cpu_dequantizes_once(tiny_checkpoint):
+    model, _ = load_model(tiny_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
+    assert not any(is_nf4(m) for m in model.modules())
+    assert load_base(tiny_checkpoint, torch.bfloat16, "cpu", "nf4").model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
 
 
 def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
