@@ -2,6 +2,9 @@
 
     python -m pytest tests/test_quant.py -q
 """
+import os
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,10 +111,29 @@ def test_dequantizing_once_for_inference_gives_the_very_same_logits(tiny_checkpo
         assert torch.equal(dense(ids), before)
 
 
-def test_inference_loading_on_a_cpu_dequantizes_once(tiny_checkpoint):
-    model, _ = load_model(tiny_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
-    assert not any(is_nf4(m) for m in model.modules())
-    assert load_base(tiny_checkpoint, torch.bfloat16, "cpu", "nf4").model.layers[0].mlp.down_proj.weight.dtype == torch.uint8
+def test_inference_on_a_cpu_dequantizes_nf4_once_and_later_loads_read_the_cache(tiny_tied_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("TINYREASON_CACHE", str(tmp_path))
+    nf4 = load_base(tiny_tied_checkpoint, torch.bfloat16, "cpu", "nf4")  # what training uses: NF4 kept
+    ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    first, _ = load_model(tiny_tied_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
+    assert not any(is_nf4(m) for m in first.modules()) and any(is_nf4(m) for m in nf4.modules())
+    [cached] = tmp_path.iterdir()
+    monkeypatch.setattr("load.quantize_block", None)  # a second load must not quantize
+    second, _ = load_model(tiny_tied_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(first(ids), nf4(ids)) and torch.equal(second(ids), nf4(ids))
+
+
+def test_the_nf4_cache_is_per_checkpoint_version_and_dtype(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("TINYREASON_CACHE", str(tmp_path))
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    load_model(ckpt, None, "nf4", torch.bfloat16, torch.device("cpu"))
+    load_model(ckpt, None, "nf4", torch.float32, torch.device("cpu"))
+    os.utime(ckpt / "model.safetensors", ns=(0, 0))  # the checkpoint changed: quantized again
+    load_model(ckpt, None, "nf4", torch.bfloat16, torch.device("cpu"))
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith("ckpt-nf4-")]) == 3
 
 
 def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
