@@ -1,11 +1,24 @@
-"""Benchmark TinyReason against its peers, transformers + PEFT + bitsandbytes, on one machine in one run.
+"""Benchmark TinyReason against its peers, transformers + PEFT + bitsandbytes (+ TRL for RL), on one machine in one run.
 
     python bench.py --model /path/to/qwen2-folder --data path/to/gsm8k/train.jsonl
+    python bench.py --model ... --data ... --steps 0 --rounds 0 --rl_steps 2      # RL only: one GRPO step each side
 
 Both sides get the same checkpoint, the same GSM8K sequences and the same recipe: QLoRA training (NF4 base with
 double quantization, r=16 on all seven projections, the same compute dtype, AdamW) and batched greedy generation from the
 16-bit model, until each row's <|im_end|> or gen_tokens. Each side runs in its own process, so each peak memory figure
 is one side's alone, and the two take turns step by step, so a machine that slows down for a while slows both.
+
+RL (--rl_steps N): one GRPO step (rollout + update) per item on a fresh LoRA over the NF4 base. Ours is rl.py's
+setup + rl_step (grpo preset); the peer is TRL's GRPOTrainer + PEFT + bitsandbytes, its own training loop held to one
+optimizer step per item by a callback. Both: step i's rl_prompts questions (the i-th slice of --data) x rl_group
+samples at rl_temperature, top_p 1, up to rl_tokens; reward = grade.py's correctness; advantages z-scored in each group;
+clipped ratio (eps 0.2) averaged per sequence, then over the step's sequences (our loss_agg "seq" = TRL's loss_type
+"grpo"); beta 0, mu 1, rl_micro_batch completions per backward, gradient checkpointing, lr 1e-5, AdamW, fp32 LoRA
+weights. Rollout = generation + rewards + advantages, its tokens/s counting completion tokens (stop token included);
+update = the rest of the step, counting prompt + completion tokens. Sampled lengths differ between the sides (see new
+tokens a step). Still different by design: we share a prompt's prefill among its G samples and drop finished rows;
+transformers' generate prefills all P x G rows and decodes them all until the longest ends. The last line's rl_ratio
+is the peer's step seconds / ours (> 1: ours is faster), like ratio and gen_ratio for training and generation.
 """
 import argparse
 import json
@@ -33,6 +46,12 @@ class BenchConfig:
     no_peer: bool = False
     device: str = "auto"
     dtype: str = "auto"  # compute dtype of both sides; auto: bf16 where the hardware has it, else fp32/fp16
+    rl_steps: int = 0  # timed GRPO steps per side, after one untimed warm-up step (0: no RL; the peer needs trl)
+    rl_prompts: int = 4  # questions per GRPO step
+    rl_group: int = 4  # G: samples per question
+    rl_tokens: int = 128  # at most, per completion
+    rl_temperature: float = 1.0
+    rl_micro_batch: int = 8  # completions per forward/backward of the update (rl.py's default); divides prompts x group
 
 
 def training_batches(cfg, tokenizer):
@@ -62,7 +81,7 @@ def adamw_steps(model, loss_of, cfg, device, dtype):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return {"tokens": int(batch["attention_mask"].sum())}
     return step
 
 
@@ -78,7 +97,7 @@ def train_ours(cfg, device, dtype):
     return adamw_steps(model, loss_of, cfg, device, dtype)
 
 
-def train_peer(cfg, device, dtype):
+def peer_qlora(cfg, device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from tinyreason import PROJECTIONS, resolve_checkpoint
@@ -86,7 +105,11 @@ def train_peer(cfg, device, dtype):
                              bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
                                                  dtype=dtype, device_map=str(device))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+
+
+def train_peer(cfg, device, dtype):
+    model = peer_qlora(cfg, device, dtype)
     return adamw_steps(model, lambda batch: model(**batch).loss, cfg, device, dtype)  # full-vocabulary logits
 
 
@@ -96,7 +119,7 @@ def gen_ours(cfg, device, dtype):
     from tokenizer import Tokenizer
     model, tok = load_base(cfg.model, dtype, device, quantize="none"), Tokenizer.from_pretrained(cfg.model)
     prompts = gen_prompts(cfg, tok)
-    return lambda i: sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))
+    return lambda i: {"tokens": sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))}
 
 
 def gen_peer(cfg, device, dtype):
@@ -114,48 +137,153 @@ def gen_peer(cfg, device, dtype):
     def run(i):
         out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
                              eos_token_id=list(stop), pad_token_id=tok.pad_id)[:, T:].tolist()
-        return sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)  # up to each row's stop
+        return {"tokens": sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)}  # to stops
     return run
 
 
-WORKERS = {"train_ours": train_ours, "train_peer": train_peer, "gen_ours": gen_ours, "gen_peer": gen_peer}
+def rl_questions(cfg):
+    """The RL steps' GSM8K records in file order: step i (0: the warm-up) takes the i-th slice of rl_prompts."""
+    from data import gold_answer, load_records
+    records = [r for r in load_records(cfg.data) if isinstance(r.get("question"), str) and gold_answer(r)]
+    return records[:cfg.rl_prompts * (cfg.rl_steps + 1)]
+
+
+def rl_ours(cfg, device, dtype):
+    """rl.py's setup and rl_step, for `--adapter none --algo grpo` at the bench's sizes, as rl.py would run it."""
+    import data
+    import loop
+    import rl
+    flags = dict(model=cfg.model, adapter="none", data=cfg.data, algo="grpo", group_size=cfg.rl_group,
+                 prompts_per_step=cfg.rl_prompts, micro_batch_size=cfg.rl_micro_batch, max_new_tokens=cfg.rl_tokens,
+                 temperature=cfg.rl_temperature, reward_weights="1.0,0.0,0.0", beta=0.0, ppo_epochs=1, optim="adamw",
+                 learning_rate=1e-5, eval_samples=0, device=cfg.device, dtype=cfg.dtype)
+    rcfg = rl.parse_config([f"--{k}={v}" for k, v in flags.items()])
+    model, tok, _, _, params, optimizer, device, dtype = rl.setup(rcfg)
+    autocast, scaler = loop.amp(device, dtype)
+    questions, P, G = rl_questions(cfg), cfg.rl_prompts, cfg.rl_group
+
+    def run(i):
+        batch = questions[i * P:(i + 1) * P]
+        s, _ = rl.rl_step(model, tok, optimizer, scaler, params, batch, None, rcfg, i, device, autocast,
+                          rcfg.learning_rate)
+        new = round(s["len_mean"] * P * G)
+        prompt = G * sum(len(data.prompt_ids(tok, q["question"], rcfg.format)) for q in batch)
+        return {"new_tokens": new, "rollout_s": s["t_gen"], "update_tokens": prompt + new,
+                "update_s": s["t_ref"] + s["t_update"]}
+    return run
+
+
+def rl_peer(cfg, device, dtype):
+    """TRL's GRPOTrainer on the same recipe. trainer.train() runs in a thread where each optimizer step waits for
+    the bench's next item (a callback), so TRL's own loop is timed; its rollout is _generate_and_score_completions."""
+    import queue
+    import tempfile
+    import threading
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    import data
+    import grade
+    from generate import stopped
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(cfg.model)
+
+    def correct(completions, answer, completion_ids, **_):
+        return [grade.rewards(c[0]["content"], gold, "tinyreason", stopped(ids, tok))["correct"]
+                for c, gold, ids in zip(completions, answer, completion_ids)]
+
+    args = GRPOConfig(  # one optimizer step = rl_prompts x rl_group completions, as in rl.py's step
+        num_generations=cfg.rl_group, per_device_train_batch_size=cfg.rl_micro_batch,
+        gradient_accumulation_steps=cfg.rl_prompts * cfg.rl_group // cfg.rl_micro_batch,
+        max_completion_length=cfg.rl_tokens, temperature=cfg.rl_temperature, top_p=1.0, top_k=0, use_vllm=False,
+        beta=0.0, num_iterations=1, epsilon=0.2, scale_rewards="group", loss_type="grpo",  # loss_agg "seq"
+        learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        gradient_checkpointing=True, use_cpu=device.type == "cpu", bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16, max_steps=cfg.rl_steps + 1, shuffle_dataset=False, seed=3407,
+        output_dir=tempfile.mkdtemp(), logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True)
+    dataset = Dataset.from_list([{"prompt": data.prompt_messages(q["question"]), "answer": data.gold_answer(q)}
+                                 for q in rl_questions(cfg)])
+    go, done, rollout = queue.Queue(), queue.Queue(), {}
+
+    class Lockstep(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            go.get()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            done.put({**rollout, "update_s": time.perf_counter() - self.start - rollout["rollout_s"]})
+
+    trainer = GRPOTrainer(peer_qlora(cfg, device, dtype), correct, args, dataset, callbacks=[Lockstep()])
+    for p in trainer.model.parameters():  # TRL stores a quantized model's LoRA weights in bf16; ours are fp32
+        if p.requires_grad:
+            p.data = p.data.float()
+    generate_and_score = trainer._generate_and_score_completions
+
+    def timed(inputs):
+        start, out = time.perf_counter(), generate_and_score(inputs)
+        new, prompt = int(out["completion_mask"].sum()), int(out["prompt_mask"].sum())
+        rollout.update(new_tokens=new, rollout_s=time.perf_counter() - start, update_tokens=prompt + new)
+        return out
+    trainer._generate_and_score_completions = timed
+
+    def train():
+        try:
+            trainer.train()
+        except BaseException as e:  # to the bench's thread, which waits for the step
+            done.put(e)
+    threading.Thread(target=train, daemon=True).start()
+
+    def run(i):
+        go.put(i)
+        if isinstance(out := done.get(), BaseException):
+            raise out
+        return out
+    return run
+
+
+WORKERS = {"train_ours": train_ours, "train_peer": train_peer, "gen_ours": gen_ours, "gen_peer": gen_peer,
+           "rl_ours": rl_ours, "rl_peer": rl_peer}
 
 
 def serve(name, cfg):
-    """Worker process: set up one side, then run each item number read from stdin and answer
-    [tokens, seconds, peak GB] on stdout (everything else the libraries print goes to stderr)."""
+    """Worker process: set up one side, then run each item number read from stdin and answer its figures (tokens, or
+    RL's), seconds and peak GB on stdout (everything else the libraries print goes to stderr)."""
     reply, sys.stdout = sys.stdout, sys.stderr
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     run = WORKERS[name](cfg, device, dtype)
     for line in sys.stdin:
         start = time.perf_counter()
-        tokens = run(int(line))
+        figures = run(int(line))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        print(json.dumps([tokens, time.perf_counter() - start, peak_memory_gb(device)]), file=reply, flush=True)
+        print(json.dumps({**figures, "seconds": time.perf_counter() - start, "peak_gb": peak_memory_gb(device)}),
+              file=reply, flush=True)
 
 
 def lockstep(names, cfg, n_items):
     """Start one worker process per side (so each peak memory figure is one side's alone), then run item i on
     each side in turn: a slow spell of a shared machine hits both alike. Item 0 warms up and is not counted.
-    Returns {name: (tokens per second, peak GB)}."""
+    Returns {name: each figure summed over the timed items, peak_gb the highest}."""
     cmd = [sys.executable, __file__, "--cfg", json.dumps(asdict(cfg)), "--worker"]
     procs = {name: subprocess.Popen(cmd + [name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for name in names}
-    totals = {name: [0, 0.0, 0.0] for name in names}
+    totals = {name: {} for name in names}
     for i in range(n_items):
         for name, proc in procs.items():
             proc.stdin.write(f"{i}\n")
             proc.stdin.flush()
             if not (line := proc.stdout.readline()):
                 raise SystemExit(f"bench: worker {name} failed (exit {proc.wait()}), see its output above")
-            tokens, seconds, gb = json.loads(line)
-            print(f"bench: {name} {'warm-up' if i == 0 else f'run {i}'}: {tokens} tokens in {seconds:.1f} s", flush=True)
-            totals[name] = [totals[name][0] + tokens * (i > 0), totals[name][1] + seconds * (i > 0), gb]
+            figures = json.loads(line)
+            print(f"bench: {name} {'warm-up' if i == 0 else f'run {i}'}: "
+                  + ", ".join(f"{k} {round(v, 4)}" for k, v in figures.items()), flush=True)
+            t = totals[name]
+            for k, v in figures.items():
+                t[k] = max(t.get(k, 0), v) if k == "peak_gb" else t.get(k, 0) + v * (i > 0)
     for proc in procs.values():
         proc.stdin.close()
         proc.wait()
-    return {name: (tokens / seconds, gb) for name, (tokens, seconds, gb) in totals.items()}
+    return totals
 
 
 def main():
@@ -174,19 +302,37 @@ def main():
     cfg = BenchConfig(**args)
     print(f"bench: {cfg} -> {resolve_precision(cfg.device, cfg.dtype)}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if cfg.rl_steps and cfg.rl_prompts * cfg.rl_group % cfg.rl_micro_batch:
+        raise SystemExit(f"bench: --rl_micro_batch {cfg.rl_micro_batch} must divide --rl_prompts x --rl_group")
     sides = ("ours",) if cfg.no_peer else ("ours", "peer")
-    r = {**(lockstep([f"train_{s}" for s in sides], cfg, cfg.steps + 1) if cfg.steps else {}),
-         **(lockstep([f"gen_{s}" for s in sides], cfg, cfg.rounds + 1) if cfg.rounds else {})}
-    nan = (float("nan"), float("nan"))
-    (tr, tr_gb), (ptr, ptr_gb) = r.get("train_ours", nan), r.get("train_peer", nan)
-    (gen, gen_gb), (pgen, pgen_gb) = r.get("gen_ours", nan), r.get("gen_peer", nan)
-    print(f"\n| {'measure':34} | {'TinyReason':>10} | {'peer':>10} | {'ratio':>6} |")
-    print(f"| {'-' * 34} | {'-' * 10}:| {'-' * 10}:| {'-' * 6}:|")
-    for label, ours, peer in [("QLoRA train tokens/s", tr, ptr), ("QLoRA train peak memory (GB)", tr_gb, ptr_gb),
-                              ("greedy generation new tokens/s", gen, pgen), ("generation peak memory (GB)", gen_gb, pgen_gb)]:
-        print(f"| {label:34} | {ours:10.2f} | {peer:10.2f} | {ours / peer:6.2f} |")
-    print(f"train_tok_s={tr:.1f} peer_train_tok_s={ptr:.1f} ratio={tr / ptr:.2f} peak_gb={tr_gb:.2f} "
-          f"peer_peak_gb={ptr_gb:.2f} gen_tok_s={gen:.1f} peer_gen_tok_s={pgen:.1f} gen_ratio={gen / pgen:.2f}")
+    r = {}
+    for mode, n in (("train", cfg.steps), ("gen", cfg.rounds), ("rl", cfg.rl_steps)):
+        if n:
+            r |= lockstep([f"{mode}_{s}" for s in sides], cfg, n + 1)
+
+    def pair(mode, figure, per=1):
+        """(ours, peer): a figure summed over the timed items, divided by the figure `per` or by a number; NaN
+        where that side or mode did not run."""
+        return tuple(t[figure] / (t[per] if isinstance(per, str) else per) if (t := r.get(f"{mode}_{s}")) else
+                     float("nan") for s in ("ours", "peer"))
+    rows = [("train_tok_s", "QLoRA train tokens/s", pair("train", "tokens", "seconds")),
+            ("peak_gb", "QLoRA train peak memory (GB)", pair("train", "peak_gb")),
+            ("gen_tok_s", "greedy generation new tokens/s", pair("gen", "tokens", "seconds")),
+            ("gen_peak_gb", "generation peak memory (GB)", pair("gen", "peak_gb")),
+            ("rl_step_s", "GRPO step seconds", pair("rl", "seconds", cfg.rl_steps)),
+            ("rl_new_tokens", "GRPO new tokens a step", pair("rl", "new_tokens", cfg.rl_steps)),
+            ("rl_gen_tok_s", "GRPO rollout new tokens/s", pair("rl", "new_tokens", "rollout_s")),
+            ("rl_update_tok_s", "GRPO update tokens/s (prompt+completion)", pair("rl", "update_tokens", "update_s")),
+            ("rl_peak_gb", "GRPO peak memory (GB)", pair("rl", "peak_gb"))]
+    print(f"\n| {'measure':40} | {'TinyReason':>10} | {'peer':>10} | {'ratio':>6} |")
+    print(f"| {'-' * 40} | {'-' * 10}:| {'-' * 10}:| {'-' * 6}:|")
+    for _, label, (ours, peer) in rows:
+        if ours == ours:  # not NaN: the mode ran
+            print(f"| {label:40} | {ours:10.2f} | {peer:10.2f} | {ours / peer:6.2f} |")
+    keys = {prefix + key: v for key, _, both in rows for prefix, v in zip(("", "peer_"), both)}
+    keys |= dict(ratio=keys["train_tok_s"] / keys["peer_train_tok_s"], rl_ratio=keys["peer_rl_step_s"] /
+                 keys["rl_step_s"], gen_ratio=keys["gen_tok_s"] / keys["peer_gen_tok_s"])  # each > 1: we are faster
+    print(" ".join(f"{k}={round(v, 4)}" for k, v in keys.items()))
 
 
 if __name__ == "__main__":

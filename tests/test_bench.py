@@ -1,0 +1,32 @@
+"""bench.py's RL mode end to end on the tiny model: rl.py's GRPO step against TRL's, one warm-up + one timed step.
+
+    python -m pytest tests/test_bench.py -q
+"""
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import GSM8K, ROOT
+
+RL_KEYS = ("rl_step_s", "rl_new_tokens", "rl_gen_tok_s", "rl_update_tok_s", "rl_peak_gb")
+
+
+@pytest.mark.slow  # about 20 s on 2 CPU cores: two workers load the model, TRL's trainer builds
+def test_rl_mode_runs_both_sides_on_the_same_prompts_and_reports_parseable_keys(tiny_checkpoint):
+    pytest.importorskip("trl")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench.py"), "--model", str(tiny_checkpoint), "--data", str(GSM8K), "--steps", "0",
+         "--rounds", "0", "--rl_steps", "1", "--rl_prompts", "2", "--rl_group", "2", "--rl_tokens", "8",
+         "--rl_micro_batch", "2", "--dtype", "fp32"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    keys = {k: float(v) for k, v in (pair.split("=") for pair in out.stdout.strip().splitlines()[-1].split())}
+    for key in RL_KEYS:
+        assert keys[key] > 0 and keys[f"peer_{key}"] > 0, (key, keys)
+    assert keys["rl_ratio"] == pytest.approx(keys["peer_rl_step_s"] / keys["rl_step_s"], rel=0.01)
+    assert keys["rl_new_tokens"] <= 2 * 2 * 8 and keys["peer_rl_new_tokens"] <= 2 * 2 * 8
+    # each item's prompt tokens (forwarded in the update, minus the completions) are the same on both sides
+    replies = re.findall(r"bench: rl_(ours|peer) (warm-up|run 1): new_tokens (\d+), .*update_tokens (\d+),", out.stdout)
+    prompt = {(side, item): int(update) - int(new) for side, item, new, update in replies}
+    assert len(prompt) == 4 and all(prompt["ours", item] == prompt["peer", item] for item in ("warm-up", "run 1"))
