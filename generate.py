@@ -10,13 +10,21 @@ from tinyreason import KVCache
 
 
 def sample(logits, temperature, top_p, generator=None):
-    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else nucleus sampling."""
+    """Next token per row from fp32 logits (B, V): argmax at temperature 0, else a draw from softmax(logits / T),
+    cut to its top_p nucleus when top_p < 1."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # keep the smallest prefix whose mass reaches top_p
-    return order.gather(-1, torch.multinomial(sorted_p, 1, generator=generator)).squeeze(-1)
+    if top_p < 1:  # keep the smallest prefix of the sorted distribution whose mass reaches top_p
+        probs, order = probs.sort(dim=-1, descending=True)
+        probs[(probs.cumsum(-1) - probs) >= top_p] = 0
+    # Inverse CDF: one uniform per row and a binary search of the running sum. torch.multinomial took 0.85 s for
+    # 64 rows of 151,936 here, this 0.1 s. u > 0, so a token of zero mass (past the nucleus, an exp that underflowed)
+    # is never drawn: the search stops at the first token whose running sum reaches u.
+    cdf = probs.cumsum(-1)  # (B, V)
+    u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # in (0, total]
+    token = torch.searchsorted(cdf, u).squeeze(-1)
+    return token if top_p >= 1 else order.gather(-1, token[:, None]).squeeze(-1)
 
 
 def left_pad(prompts, pad_id, device=None):

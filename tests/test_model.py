@@ -255,6 +255,15 @@ def test_sampling_at_temperature_half_draws_from_softmax_of_twice_the_logits():
     torch.testing.assert_close(freq, torch.softmax(logits / 0.5, -1), atol=0.01, rtol=0)
 
 
+def test_sampling_never_draws_a_token_of_zero_probability():
+    torch.manual_seed(0)
+    logits = torch.tensor([-float("inf"), 0.0, -float("inf"), 0.0, -1e4])  # exp(-1e4) underflows to exactly 0
+    draws = sample(logits.expand(50_000, 5), temperature=1.0, top_p=1.0)
+    assert set(draws.tolist()) == {1, 3}
+    nucleus = set(sample(logits.expand(5_000, 5), temperature=1.0, top_p=0.4).tolist())  # one of the two halves
+    assert nucleus in ({1}, {3})
+
+
 @pytest.mark.parametrize("messages", [
     [{"role": "system", "content": "You are a helpful assistant that solves math problems step-by-step."},
      {"role": "user", "content": "What is 6 × 7?"}],
