@@ -241,6 +241,35 @@ def rl_peer(cfg, device, dtype):
     return run
 
 
+def hardware_limit(cfg, device, dtype) -> dict:
+    """How fast a batch-`gen_batch` greedy decoding step could go here: it reads every weight but the embedding rows
+    once (bytes / the read bandwidth measured now) and does 2 FLOPs per weight per row (/ the GEMM throughput
+    measured now, square matrices in the compute dtype). The KV cache and activations are left out: small here."""
+    from tinyreason import Qwen2, QwenConfig, resolve_checkpoint
+    config = QwenConfig.from_json(resolve_checkpoint(cfg.model) / "config.json")
+    with torch.device("meta"):
+        model = Qwen2(config)
+    n = sum(p.numel() for p in model.parameters())
+    n -= 0 if config.tie_word_embeddings else model.model.embed_tokens.weight.numel()  # lm_head reads it if tied
+
+    def best(f, repeats=5):
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times[1:])
+    x = torch.ones(2**27, device=device)  # 512 MiB of fp32
+    read_gb_s = x.numel() * 4 / best(x.sum) / 1e9
+    a = torch.ones(4096, 4096, device=device, dtype=dtype)
+    tflops = 2 * 4096**3 / best(lambda: a @ a) / 1e12
+    step_gb = n * torch.finfo(dtype).bits / 8 / 1e9
+    return dict(read_gb_s=read_gb_s, gemm_tflops=tflops, step_gb=step_gb,
+                limit_tok_s=min(cfg.gen_batch * read_gb_s / step_gb, tflops * 1e12 / (2 * n)))
+
+
 WORKERS = {"train_ours": train_ours, "train_peer": train_peer, "gen_ours": gen_ours, "gen_peer": gen_peer,
            "rl_ours": rl_ours, "rl_peer": rl_peer}
 
@@ -329,7 +358,15 @@ def main():
     for _, label, (ours, peer) in rows:
         if ours == ours:  # not NaN: the mode ran
             print(f"| {label:40} | {ours:10.2f} | {peer:10.2f} | {ours / peer:6.2f} |")
-    keys = {prefix + key: v for key, _, both in rows for prefix, v in zip(("", "peer_"), both)}
+    if cfg.rounds:
+        hw = hardware_limit(cfg, *resolve_precision(cfg.device, cfg.dtype))
+        ours, peer = pair("gen", "tokens", "seconds")
+        print(f"\nhardware limit: reads {hw['read_gb_s']:.1f} GB/s, GEMM {hw['gemm_tflops']:.2f} TFLOP/s; a decoding "
+              f"step reads {hw['step_gb']:.2f} GB of weights: at most {hw['limit_tok_s']:.0f} new tokens/s at batch "
+              f"{cfg.gen_batch}. TinyReason is at {ours / hw['limit_tok_s']:.0%} of it, the peer at "
+              f"{peer / hw['limit_tok_s']:.0%}.")
+        r["hw"] = hw
+    keys = {prefix + key: v for key, _, both in rows for prefix, v in zip(("", "peer_"), both)} | r.get("hw", {})
     keys |= dict(ratio=keys["train_tok_s"] / keys["peer_train_tok_s"], rl_ratio=keys["peer_rl_step_s"] /
                  keys["rl_step_s"], gen_ratio=keys["gen_tok_s"] / keys["peer_gen_tok_s"])  # each > 1: we are faster
     print(" ".join(f"{k}={round(v, 4)}" for k, v in keys.items()))

@@ -1,4 +1,5 @@
-"""bench.py's RL mode end to end on the tiny model: rl.py's GRPO step against TRL's, one warm-up + one timed step.
+"""bench.py's RL mode end to end on the tiny model (rl.py's GRPO step against TRL's, one warm-up + one timed step)
+and the hardware limit it reports next to the generation figures.
 
     python -m pytest tests/test_bench.py -q
 """
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import GSM8K, ROOT
 
 RL_KEYS = ("rl_step_s", "rl_new_tokens", "rl_gen_tok_s", "rl_update_tok_s", "rl_peak_gb")
@@ -30,3 +32,17 @@ def test_rl_mode_runs_both_sides_on_the_same_prompts_and_reports_parseable_keys(
     replies = re.findall(r"bench: rl_(ours|peer) (warm-up|run 1): new_tokens (\d+), .*update_tokens (\d+),", out.stdout)
     prompt = {(side, item): int(update) - int(new) for side, item, new, update in replies}
     assert len(prompt) == 4 and all(prompt["ours", item] == prompt["peer", item] for item in ("warm-up", "run 1"))
+
+
+def test_the_decoding_limit_reads_every_weight_but_the_embedding_rows(tiny_checkpoint, tiny_tied_checkpoint):
+    from bench import BenchConfig, hardware_limit
+    from tinyreason import Qwen2
+    for checkpoint in (tiny_checkpoint, tiny_tied_checkpoint):
+        model = Qwen2.from_pretrained(checkpoint)
+        n = sum(p.numel() for p in model.parameters())
+        n -= 0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel()
+        hw = hardware_limit(BenchConfig(model=str(checkpoint), gen_batch=4), torch.device("cpu"), torch.bfloat16)
+        assert hw["step_gb"] == n * 2 / 1e9
+        bandwidth_bound = 4 * hw["read_gb_s"] / hw["step_gb"]
+        compute_bound = hw["gemm_tflops"] * 1e12 / (2 * n)
+        assert hw["limit_tok_s"] == pytest.approx(min(bandwidth_bound, compute_bound))
