@@ -56,11 +56,17 @@ def teacher_prompt(tokenizer, question: str, style: str = "tinyreason") -> list[
 def rewrite(text: str, gold: str, style: str = "tinyreason") -> str | None:
     """A sample in the exact assistant turn train.py renders (think block, blank line, the answer line), or None
     when it is not in the strict format. A boxed sample's whole text is the reasoning, its \\boxed{72} unboxed to
-    72: a small model that cannot yet write our tags still reasons well in the format it knows."""
-    shape = grade.strict_format(text, style)
-    if not shape:
+    72 (wherever the box sits: Qwen often closes with "\\(\\boxed{72}\\)."): a small model that cannot yet
+    write our tags still reasons well in the format it knows."""
+    if style == "boxed":
+        answer = grade.last_boxed(text)
+        think = "" if answer is None else text.replace(f"\\boxed{{{answer}}}", answer)
+        if not think.strip() or any(tag in think for tag in grade.TAGS):  # a second, different box; our own tags
+            return None
+    elif shape := grade.strict_format(text, style):
+        think = shape["think"]
+    else:
         return None
-    think = shape["think"] if style == "tinyreason" else text.replace(f"\\boxed{{{shape['answer']}}}", shape["answer"])
     return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {gold}"
 
 

@@ -44,10 +44,12 @@ def test_a_trace_record_renders_to_exactly_the_training_turn(tiny_checkpoint):
 
 
 def test_a_boxed_teacher_sample_becomes_our_format_with_its_whole_reasoning():
-    boxed = "She sold 48/2 = 24 in May, so 48+24 = \\boxed{72}."
-    kept, n_correct = distill.select([(boxed, True), (boxed.replace("72", "70"), True)], "72", keep=1, style="boxed")
-    assert n_correct == 1
-    assert kept == ["<think>\nShe sold 48/2 = 24 in May, so 48+24 = 72.\n</think>\n\n**Final Answer:** 72"]
+    boxed = "She sold 48/2 = 24 in May, so 48+24 = \\(\\boxed{72}\\) in all."
+    two_boxes = "She sold \\boxed{24} in May, so \\boxed{72} in all."
+    samples = [(boxed, True), (boxed.replace("72", "70"), True), (two_boxes, True)]
+    kept, n_correct = distill.select(samples, "72", keep=2, style="boxed")
+    assert n_correct == 2  # the two-box sample is right, but a box would stay in the reasoning
+    assert kept == ["<think>\nShe sold 48/2 = 24 in May, so 48+24 = \\(72\\) in all.\n</think>\n\n**Final Answer:** 72"]
 
 
 @pytest.fixture
