@@ -115,9 +115,8 @@ def train_peer(cfg, device, dtype):
 
 def gen_ours(cfg, device, dtype):
     from generate import generate
-    from load import load_base
-    from tokenizer import Tokenizer
-    model, tok = load_base(cfg.model, dtype, device, quantize="none"), Tokenizer.from_pretrained(cfg.model)
+    from load import load_model
+    model, tok = load_model(cfg.model, None, "none", dtype, device)  # as eval.py and chat.py load it
     prompts = gen_prompts(cfg, tok)
     return lambda i: {"tokens": sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))}
 

@@ -17,7 +17,7 @@ import torch
 import lora
 import stages
 from quant import dequantize_for_inference, footprint_gb, quantize_block
-from tinyreason import Qwen2, resolve_checkpoint
+from tinyreason import Qwen2, pack_for_inference, resolve_checkpoint
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -92,7 +92,8 @@ def nf4_inference_base(path: Path, dtype) -> Qwen2:
 def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenizer]:
     """Base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base alone), and the
     verification adapter in its verify/ subfolder when there is one (stages.py). For inference: on a CPU the NF4
-    weights are dequantized once, the same numbers without the per-step dequantization, and cached."""
+    weights are dequantized once, the same numbers without the per-step dequantization, and cached, and every
+    frozen weight is packed for oneDNN (tinyreason.pack_for_inference)."""
     path = resolve_checkpoint(model)
     if quantize == "nf4" and torch.device(device).type == "cpu":
         net = nf4_inference_base(path, dtype)
@@ -102,6 +103,8 @@ def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenize
         lora.load_adapter(net, adapter)
         if (Path(adapter) / "verify").is_dir():
             stages.load_verify(net, Path(adapter) / "verify")
+    if torch.device(device).type == "cpu":
+        pack_for_inference(net)
     return net.eval(), Tokenizer.from_pretrained(path)
 
 
