@@ -295,6 +295,28 @@ def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
     assert torch.equal(ours(ids), ref(ids))
 
 
+def test_our_safetensors_reader_gives_what_the_safetensors_library_gives(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 2).half(), "d": torch.ones(())}
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    header = tinyreason.safetensors_header(tmp_path / "x.safetensors")
+    ours = {name: tinyreason.read_tensor(tmp_path / "x.safetensors", name, h) for name, h in header.items()}
+    reference = load_file(tmp_path / "x.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert all(ours[k].dtype == reference[k].dtype for k in ours)
+
+
+def test_a_cut_short_or_foreign_checkpoint_file_is_named_in_the_error(tmp_path, tiny_checkpoint):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "cut")
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* is cut short"):
+        Qwen2.from_pretrained(folder)
+    (folder / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"PK\x03\x04 zip!" + data[18:])
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        Qwen2.from_pretrained(folder)
+
+
 def copy_checkpoint(src, dst):
     dst.mkdir()
     for f in src.iterdir():
