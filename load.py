@@ -55,11 +55,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4") -> Qwen2:
-    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded."""
+def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", pack=False) -> Qwen2:
+    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded, with
+    pack (CPU inference) its weights are packed for oneDNN then (tinyreason.pack_for_inference): one weight's copy
+    at a time, not the lm_head's on top of the whole model."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
-    model = Qwen2.from_pretrained(path_or_repo, dtype, device, on_block=quantize_block if quantize == "nf4" else None)
+    on_block = quantize_block if quantize == "nf4" else pack_for_inference if pack else None
+    model = Qwen2.from_pretrained(path_or_repo, dtype, device, on_block=on_block)
     print(f"loaded {path_or_repo}: {footprint_gb(model):.2f} GB of weights ({quantize} quantization, {dtype})",
           file=sys.stderr)  # stdout stays for the scripts' answers
     return model
@@ -75,7 +78,7 @@ def nf4_inference_base(path: Path, dtype) -> Qwen2:
     cache = Path(os.environ.get("TINYREASON_CACHE", "~/.cache/tinyreason")).expanduser()
     cache = cache / f"{path.name}-nf4-{dtype_name(dtype)}-{key}"
     if (cache / "model.safetensors").is_file():
-        return load_base(cache, dtype, "cpu", quantize="none")
+        return load_base(cache, dtype, "cpu", quantize="none", pack=True)
     model = dequantize_for_inference(load_base(path, dtype, "cpu", quantize="nf4"))
     try:
         from safetensors.torch import save_file
@@ -95,15 +98,13 @@ def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenize
     weights are dequantized once, the same numbers without the per-step dequantization, and cached, and every
     frozen weight is packed for oneDNN (tinyreason.pack_for_inference)."""
     path = resolve_checkpoint(model)
-    if quantize == "nf4" and torch.device(device).type == "cpu":
-        net = nf4_inference_base(path, dtype)
-    else:
-        net = load_base(path, dtype, device, quantize)
+    cpu = torch.device(device).type == "cpu"
+    net = nf4_inference_base(path, dtype) if quantize == "nf4" and cpu else load_base(path, dtype, device, quantize, cpu)
     if adapter is not None:
         lora.load_adapter(net, adapter)
         if (Path(adapter) / "verify").is_dir():
             stages.load_verify(net, Path(adapter) / "verify")
-    if torch.device(device).type == "cpu":
+    if cpu:  # what loading did not pack: a tied lm_head, the first dequantization of an NF4 base
         pack_for_inference(net)
     return net.eval(), Tokenizer.from_pretrained(path)
 

@@ -49,8 +49,8 @@ def to_nf4(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) ->
 
 
 def quantize_block(block: nn.Module):
-    """Each of the block's seven projections, in place, as an NF4Linear."""
-    for parent in (block.self_attn, block.mlp):
+    """Each of the block's seven projections, in place, as an NF4Linear (the lm_head is no projection: it stays)."""
+    for parent in list(block.modules()):
         for name, child in list(parent.named_children()):
             if name in PROJECTIONS:
                 setattr(parent, name, to_nf4(child))

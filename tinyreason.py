@@ -84,11 +84,12 @@ def pack_for_inference(model: nn.Module) -> nn.Module:
     """Each frozen 16/32-bit Linear weight, in place, in oneDNN's blocked layout, which its GEMM reads as it is: a
     16-row decoding matmul ran 1.1-2x faster than on the plain (out, in) weight (README). For inference on a CPU
     only: a packed weight feeds that GEMM and nothing else (no backward, no merge). The same numbers in bf16. A tied
-    lm_head gets its own packed copy; the embedding keeps the plain one."""
+    lm_head gets its own packed copy; the embedding keeps the plain one. Weights already packed stay as they are."""
     if not torch.backends.mkldnn.is_available():
         return model
     for m in model.modules():
-        if isinstance(m, Linear) and m.weight.dtype in (torch.bfloat16, torch.float32) and not m.weight.requires_grad:
+        if (isinstance(m, Linear) and m.weight.dtype in (torch.bfloat16, torch.float32) and not m.weight.requires_grad
+                and not m.weight.is_mkldnn):
             m.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(m.weight.detach()), requires_grad=False)
     return model
 
@@ -289,7 +290,8 @@ class Qwen2(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_repo, dtype=torch.bfloat16, device="cpu", on_block=None):
         """Load a Hugging Face Qwen2 checkpoint tensor by tensor, so peak memory stays near the final model size.
-        `on_block(block)` runs as soon as each block is loaded (quant.quantize_block makes it 4-bit there)."""
+        `on_block(module)` runs on each block and on an untied lm_head as soon as it is loaded (quant.quantize_block
+        makes a block 4-bit there, pack_for_inference packs its weights)."""
         folder = resolve_checkpoint(path_or_repo)
         config = QwenConfig.from_json(folder / "config.json")
         with torch.device("meta"):
@@ -302,7 +304,9 @@ class Qwen2(nn.Module):
             raise ValueError(f"{folder}: tensors do not match a Qwen2 model of its config.json: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         from tqdm import tqdm
-        for name in tqdm([n for n, _ in model.named_parameters()], desc="loading", leave=False):
+        # The lm_head, the largest tensor, first: a copy on_block makes of it exists while little else is loaded.
+        names = sorted((n for n, _ in model.named_parameters()), key=lambda n: n != "lm_head.weight")
+        for name in tqdm(names, desc="loading", leave=False):
             module_name, leaf = name.rsplit(".", 1)
             module = model.get_submodule(module_name)
             t = tensors[name]()
@@ -312,6 +316,8 @@ class Qwen2(nn.Module):
             setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
             if on_block and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
                 on_block(model.get_submodule(module_name.rsplit(".", 2)[0]))
+            elif on_block and name == "lm_head.weight":
+                on_block(model.lm_head)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
