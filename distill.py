@@ -15,15 +15,16 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
+import config
 import data
 import grade
-import loop
 from generate import generate, stopped
-from load import QUANTIZE, load_model, resolve_precision
+from load import load_model, resolve_precision
 
 TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by-step. Think step by step inside "
                   "<think> and </think>, then write **Final Answer:** followed by the number alone.")
@@ -32,21 +33,21 @@ TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by
 @dataclass
 class DistillConfig:
     teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local Qwen2 checkpoint folder
-    teacher_format: str = "tinyreason"  # the teacher's prompt: tinyreason (ours), or boxed (Qwen's math prompt)
+    teacher_format: Literal["tinyreason", "boxed"] = "tinyreason"  # the teacher's prompt: ours, or Qwen's math prompt
     adapter: str = "none"  # a LoRA adapter on the teacher, or none
     data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
-    split: str = "train"
+    split: str = "train"  # the hub dataset's split
     num_questions: int = 0  # the first N usable questions; <= 0: all
     samples_per_question: int = 4  # sampled solutions per question
     keep_per_question: int = 1  # correct, distinct solutions kept per question, shortest first
-    temperature: float = 0.7
+    temperature: float = 0.7  # sampling temperature
     max_new_tokens: int = 512  # a sample cut here is not kept
     batch_size: int = 8  # questions per generate call (x samples_per_question rows)
-    quantize: str = "nf4"  # teacher weights: nf4 or none
-    dtype: str = "auto"
-    device: str = "auto"
+    quantize: Literal["nf4", "none"] = "nf4"  # teacher weights: nf4 or none (16-bit)
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16 (GPU) or fp32
+    device: str = "auto"  # cuda, cpu, ...; auto: cuda when available
     seed: int = 3407  # each batch samples from (seed, its first question's index)
-    out: str = "traces.jsonl"
+    out: str = "traces.jsonl"  # one line per question, appended batch by batch; a rerun skips those already in it
 
 
 def teacher_prompt(tokenizer, question: str, style: str = "tinyreason") -> list[int]:
@@ -79,13 +80,9 @@ def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "
 
 
 def main(argv=None):
-    cfg = loop.parse_config(DistillConfig, argv, description=__doc__)
+    cfg = config.parse_config(DistillConfig, argv, description=__doc__)
     if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
-    if cfg.teacher_format not in ("tinyreason", "boxed"):
-        raise ValueError(f"--teacher_format {cfg.teacher_format!r}: expected tinyreason or boxed")
-    if cfg.quantize not in QUANTIZE:
-        raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {QUANTIZE}")
     records = [r for r in data.load_records(cfg.data, cfg.split) if data.format_example(r)]
     records = records[:cfg.num_questions] if cfg.num_questions > 0 else records
     out = Path(cfg.out)

@@ -1,29 +1,28 @@
-"""What both training loops (train.py's SFT, rl.py's RL) run on: flags from a config dataclass, seeding, the
-learning-rate schedule, precision and the optimizer step, checkpoints with exact resume, and Ctrl-C that stops
-at a step boundary.
-
-A checkpoint, output_dir/checkpoint-NNNNNN, holds the adapter (PEFT format), experiment_config.json (the run's
-resolved config) and training_state.pt: optimizer, grad scaler, RNG states and the loop's own state, all tensors
-and plain data, so it loads with torch.load(weights_only=True) and nothing in the file is ever executed.
+"""What both training loops (train.py's SFT, rl.py's RL) run on: torchrun, seeding, the learning-rate schedule,
+precision and the optimizer step, the metrics file, the config fields both loops have and their checks, and `run`,
+the loop itself: resume, steps, evaluations, checkpoints (checkpoint.py), and a Ctrl-C that stops at a step
+boundary. Each script brings only its own step and its own evaluation.
 """
-import argparse
 import importlib.util
 import json
 import os
 import random
 import resource
-import shutil
 import signal
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
+import data
 import lora
+from load import DEFAULT_ADAPTER, DEFAULT_MODEL
 
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun), set by init_distributed
 
@@ -68,53 +67,6 @@ def sum_gradients(params):
         p.grad = chunk.view_as(g)
 
 
-def parse_config(cls, argv=None, fixed_on_resume=(), description=None):
-    """Flags generated from the dataclass `cls`; --config FILE.json sets fields that flags then override.
-    With --resume (bare: latest) the checkpoint's own experiment_config.json is the base; a flag given again may
-    change it except for the fields in `fixed_on_resume`, which would make the resumed run another run."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)  # only the flags given appear
-    parser.add_argument("--config", help="JSON file of config fields")
-    for f in fields(cls):
-        kind = ({"action": argparse.BooleanOptionalAction} if f.type is bool else
-                {"nargs": "+"} if f.type == tuple[str, ...] else
-                {"nargs": "?", "const": "latest"} if f.name == "resume" else {"type": f.type})
-        parser.add_argument(f"--{f.name}", help=f"default: {f.default}", **kind)
-    values = vars(parser.parse_args(argv))
-    if "config" in values:
-        values = {**read_config(cls, values.pop("config"), parser.error), **values}
-    if not values.get("resume"):
-        return make_config(cls, values)
-    folder = resume_folder(values["resume"], values.get("output_dir", cls.output_dir))
-    saved = make_config(cls, read_config(cls, folder / "experiment_config.json", parser.error))
-    cfg = make_config(cls, {**asdict(saved), **values, "resume": str(folder)})
-    if changed := [f"--{k} {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in fixed_on_resume
-                   if getattr(cfg, k) != getattr(saved, k)]:
-        parser.error(f"--resume {folder}: these would make it another run, not a continuation: {', '.join(changed)}")
-    return cfg
-
-
-def read_config(cls, path, error) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        error(f"{path}: no such file")
-    try:
-        values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        error(f"{path}: not valid JSON ({e})")
-    if not isinstance(values, dict) or (unknown := sorted(set(values) - {f.name for f in fields(cls)})):
-        error(f"{path}: unknown fields {unknown if isinstance(values, dict) else values!r}")
-    return values
-
-
-def make_config(cls, values: dict):
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def save_config(cfg, path: Path):
-    path.write_text(json.dumps(asdict(cfg), indent=2))
-
-
 def seed_everything(seed: int):
     os.environ["PYTHONHASHSEED"] = str(seed)  # reaches subprocesses (this process fixed its hash seed at start)
     random.seed(seed)
@@ -134,11 +86,17 @@ def resolve_optim(name: str, device: torch.device) -> str:
     return name if name != "auto" else ("adamw_8bit" if device.type == "cuda" else "adamw")
 
 
-def make_optimizer(params, name: str, lr: float, weight_decay: float):
-    if name == "adamw_8bit":
+def trainable(model, cfg):
+    """The model set to train (gradient checkpointing as cfg says), its trainable parameters (the fp32 LoRA
+    matrices) and cfg.optim's optimizer over them, all with weight decay: no bias or norm trains."""
+    model.gradient_checkpointing = cfg.gradient_checkpointing
+    log(lora.trainable_report(model))
+    params = [p for p in model.parameters() if p.requires_grad]
+    adamw = torch.optim.AdamW
+    if cfg.optim == "adamw_8bit":
         import bitsandbytes as bnb  # 8-bit Adam states: a quarter of the optimizer memory
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        adamw = bnb.optim.AdamW8bit
+    return model.train(), params, adamw(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def amp(device: torch.device, dtype: torch.dtype):
@@ -149,8 +107,9 @@ def amp(device: torch.device, dtype: torch.dtype):
 
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm: float, lr: float) -> float:
-    """Unscale, clip, step at `lr` (or skip the update when the gradient is not finite), zero the gradients.
-    Returns the gradient norm before clipping."""
+    """Sum the gradients over all processes, unscale, clip, step at `lr` (or skip the update when the gradient is
+    not finite), zero the gradients. Returns the gradient norm before clipping."""
+    sum_gradients(params)
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.unscale_(optimizer)
@@ -166,39 +125,6 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # peak resident memory
-
-
-class StopAtStepBoundary:
-    """Ctrl-C sets a flag that the loop reads between steps: it saves the last finished step and exits, so a
-    checkpoint never holds half a step (RNG states drawn mid-step, weights updated under the old step number).
-    A second Ctrl-C stops at once, without saving."""
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log("Ctrl-C: stopping after this step (press again to stop at once, without saving)")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
-
-
-def save_or_stop(checkpoints, stop: StopAtStepBoundary, due: bool, script: str, model, optimizer, scaler,
-                 state: dict, cfg, scores: dict):
-    """At the end of a step: save a checkpoint when one is due or Ctrl-C asked to stop; then stop, with the command
-    that continues the run."""
-    stop.requested = all_ranks_sum(stop.requested)[0] > 0  # every process stops after the same step
-    if due or stop.requested:
-        path = checkpoints.save(model, optimizer, scaler, state, cfg, scores)
-        log(f"saved {path}")
-    if stop.requested:
-        log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir {cfg.output_dir}")
-        raise SystemExit(130)
 
 
 class Metrics:
@@ -232,129 +158,123 @@ class Metrics:
                 self.report(key, value, step)
 
 
-def check_report_to(report_to: str) -> list[str]:
-    """The problem with --report_to, if any, found before anything loads."""
-    if report_to not in ("none", "tensorboard", "wandb"):
-        return [f"--report_to {report_to!r}: expected none, tensorboard or wandb"]
-    if report_to != "none" and importlib.util.find_spec(report_to) is None:  # the package has the option's name
-        return [f"--report_to {report_to}: the {report_to} package is not installed (pip install {report_to}), "
-                "or use --report_to none"]
-    return []
+@dataclass
+class LoopConfig:
+    """The fields both training loops have, with the SFT recipe's defaults; train.py's and rl.py's configs add their
+    own fields and set their own defaults."""
+    model: str = DEFAULT_MODEL  # hub repo id or local Hugging Face checkpoint folder
+    data: str = "openai/gsm8k"  # hub dataset (config "main") or local .jsonl/.json/.parquet with question/answer
+    quantize: Literal["nf4", "none"] = "nf4"  # base weights: nf4 (QLoRA) or none (16-bit LoRA)
+    lora_r: int = 16  # rank of a new adapter
+    lora_alpha: float = 32  # a new adapter's update is scaled by lora_alpha / lora_r
+    max_steps: int = 250  # optimizer steps
+    warmup_steps: int = 50  # linear warmup, then linear decay to 0 at max_steps
+    learning_rate: float = 2e-4  # peak learning rate
+    weight_decay: float = 0.01  # decoupled (AdamW) decay of the LoRA matrices
+    max_grad_norm: float = 1.0  # clip the global gradient norm to this
+    optim: Literal["auto", "adamw", "adamw_8bit"] = "auto"  # adamw_8bit (bitsandbytes) or adamw; auto: 8-bit on CUDA
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16 (GPU) or fp32
+    device: str = "auto"  # cuda, cpu, ...; auto: cuda when available
+    gradient_checkpointing: bool = True  # recompute each block's activations in backward: less memory, slower
+    eval_steps: int = 50  # held-out evaluation every this many steps (and at the end)
+    save_steps: int = 50  # checkpoint every this many steps (and at the end)
+    save_total_limit: int = 3  # newest checkpoints kept; the best by the held-out score is never deleted
+    logging_steps: int = 10  # a log line every this many steps
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"  # also send the metrics.jsonl figures there
+    seed: int = 3407  # seeds Python, NumPy and torch: the data order, a new adapter, the sampling
+    output_dir: str = "outputs"  # checkpoints and metrics.jsonl go here
+    adapter_path: str = DEFAULT_ADAPTER  # the best adapter by the held-out score + experiment_config.json end up here
+    resume: str = ""  # a checkpoint folder, or latest (bare --resume) in output_dir, to continue from
 
 
-def rng_state() -> dict:
-    """Every RNG the loop draws from, as tensors and plain data (loadable with weights_only=True)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                             has_gauss, cached],
-            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
+    """What argparse cannot see wrong in the fields both loops have, plus a script's own `positive` and
+    `nonnegative` ones: found before anything loads."""
+    positive = ("max_steps", "learning_rate", "lora_r", "eval_steps", "save_steps", "save_total_limit",
+                "logging_steps", *positive)
+    problems = [f"--{k} must be > 0 (got {getattr(cfg, k)})" for k in positive if getattr(cfg, k) <= 0]
+    problems += [f"--{k} must be >= 0 (got {getattr(cfg, k)})" for k in
+                 ("warmup_steps", "weight_decay", "max_grad_norm", *nonnegative) if getattr(cfg, k) < 0]
+    if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # the package has its name
+        problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
+                        f"(pip install {cfg.report_to}), or use --report_to none")
+    if data.is_local(cfg.data) and not Path(cfg.data).is_file():
+        problems.append(f"--data {cfg.data}: no such file")
+    if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
+        problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "
+                        "or choose another --output_dir")
+    return problems
 
 
-def set_rng_state(state: dict):
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class StopAtStepBoundary:
+    """Ctrl-C sets a flag that the loop reads between steps: it saves the last finished step and exits, so a
+    checkpoint never holds half a step (RNG states drawn mid-step, weights updated under the old step number).
+    A second Ctrl-C stops at once, without saving."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log("Ctrl-C: stopping after this step (press again to stop at once, without saving)")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
 
 
-def resume_folder(resume: str, output_dir) -> Path:
-    """--resume latest (the newest checkpoint in output_dir) or a checkpoint folder."""
-    if resume == "latest":
-        if not (saved := Checkpoints(output_dir).saved()):
-            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {output_dir}")
-        return saved[max(saved)]
-    if not (Path(resume) / "training_state.pt").is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no training_state.pt)")
-    return Path(resume)
+def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, evaluate=None, *, score: str,
+        maximize: bool = False, shown: tuple[str, ...] = ()) -> dict:
+    """The loop of `script` from state["step"] (the checkpoint's with --resume) to cfg.max_steps; returns `state`,
+    updated in place. After each step: its figures to metrics.jsonl, an evaluation every eval_steps, a checkpoint
+    every save_steps (both also at the end), and a stop when Ctrl-C asked for one. At the end the checkpoint with
+    the best `score` (an evaluation figure; lower is better unless maximize) becomes cfg.adapter_path.
 
+    train_step(step) runs optimizer step `step` (0-based) and returns its figures and a log line (or None).
+    evaluate() returns the held-out figures and a log line; None: no held-out data.
+    state holds the loop's position, saved with every checkpoint: "step", what the script keeps there (its data
+    position), and a dict for each figure to keep step by step (score's among them), e.g. {"loss": {1: 2.3}}.
+    shown: the figures on the progress bar.
+    """
+    log(json.dumps(asdict(cfg), indent=2))  # the resolved config, as experiment_config.json records it
+    if cfg.resume:
+        state.update(checkpoint.load_training_state(Path(cfg.resume), optimizer, scaler))
+        log(f"resumed from {cfg.resume} at step {state['step']}")
+    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize)
+    metrics = Metrics(cfg, state["step"])
 
-class Checkpoints:
-    """The checkpoint-NNNNNN folders of output_dir. Each is written under a temporary name and renamed into place,
-    so a reader (or a resume after a crash) never sees a partial one. Pruning keeps the newest and the best by
-    `scores` (lower is better, or higher with maximize), and fills up to `limit` with the next newest."""
+    def record(figures: dict):
+        metrics.log(state["step"], **figures)
+        for name in figures.keys() & state.keys():
+            state[name][state["step"]] = figures[name]
 
-    def __init__(self, output_dir, limit: int = 1, maximize: bool = False):
-        self.dir, self.limit, self.maximize = Path(output_dir), limit, maximize
-
-    def saved(self) -> dict[int, Path]:
-        """step -> folder, oldest first."""
-        return {int(p.name[11:]): p for p in sorted(self.dir.glob("checkpoint-[0-9]*"))}
-
-    def best(self, scores: dict[int, float]) -> int:
-        """The saved step with the best score; the newest when none was scored."""
-        saved = self.saved()
-        scored = [s for s in saved if s in scores]
-        if not scored:
-            return max(saved)
-        return (max if self.maximize else min)(scored, key=scores.get)
-
-    def save(self, model, optimizer, scaler, state: dict, cfg, scores: dict[int, float]) -> Path:
-        """Called by every process: each one's RNG states are kept (rank 0 writes), so a resume with the same
-        number of processes is exact."""
-        final = self.dir / f"checkpoint-{state['step']:06d}"
-        rngs = [rng_state()]
-        if WORLD > 1:
-            rngs = [None] * WORLD
-            dist.all_gather_object(rngs, rng_state())
-        if RANK != 0:
-            dist.barrier()  # until rank 0 has written it
-            return final
-        tmp = final.with_name(".tmp-" + final.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_adapter(model, tmp, cfg.model)
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                    "rng": rngs}, tmp / "training_state.pt")
-        save_config(cfg, tmp / "experiment_config.json")
-        replace_folder(tmp, final)
-        self.prune(scores)
-        if WORLD > 1:
-            dist.barrier()
-        return final
-
-    def prune(self, scores: dict[int, float]):
-        saved = self.saved()
-        keep = {max(saved), self.best(scores)}
-        keep |= set(sorted(set(saved) - keep)[len(keep) - self.limit:] if self.limit > len(keep) else [])
-        for step in set(saved) - keep:
-            discard(saved[step])
-
-    def export_best(self, adapter_path, cfg, scores: dict[int, float]) -> int:
-        """Copy the best checkpoint's adapter to adapter_path, with the run's resolved config."""
-        step = self.best(scores)
-        if RANK != 0:
-            return step
-        out = Path(adapter_path)
-        tmp = out.with_name(".tmp-" + out.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.saved()[step], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
-        save_config(cfg, tmp / "experiment_config.json")
-        replace_folder(tmp, out)
-        return step
-
-
-def load_training_state(folder: Path, optimizer, scaler) -> dict:
-    """Restore optimizer, scaler and RNG states from a checkpoint (saved on any device); returns the loop state."""
-    saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])  # moves the states to the parameters' device
-    scaler.load_state_dict(saved["scaler"])
-    if len(saved["rng"]) != WORLD:
-        raise ValueError(f"{folder} was saved by {len(saved['rng'])} processes: resume it with as many, not {WORLD}")
-    set_rng_state(saved["rng"][RANK])
-    return saved["state"]
-
-
-def replace_folder(tmp: Path, final: Path):
-    """Put a fully written `tmp` in place of `final` by renames, so a reader never sees a partial folder."""
-    if final.exists():
-        discard(final)
-    os.replace(tmp, final)
-
-
-def discard(folder: Path):
-    trash = folder.with_name(".del-" + folder.name)  # renamed first: never listed half-deleted
-    os.replace(folder, trash)
-    shutil.rmtree(trash)
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=script, dynamic_ncols=True, disable=RANK != 0)
+    with StopAtStepBoundary() as stop:
+        for step in range(state["step"], cfg.max_steps):
+            figures, line = train_step(step)
+            state["step"] = step + 1
+            record(figures)
+            bar.set_postfix({k: f"{figures[k]:.4g}" for k in shown}, refresh=False)
+            bar.update()
+            if line:
+                log(line)
+            done = state["step"] == cfg.max_steps
+            if evaluate and (state["step"] % cfg.eval_steps == 0 or done):
+                figures, line = evaluate()
+                record(figures)
+                log(f"step {state['step']}: {line}")
+            stop.requested = all_ranks_sum(stop.requested)[0] > 0  # every process stops after the same step
+            if stop.requested or state["step"] % cfg.save_steps == 0 or done:
+                log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, state[score])}")
+            if stop.requested:
+                log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir "
+                    f"{cfg.output_dir}")
+                raise SystemExit(130)
+    bar.close()
+    best = checkpoints.export_best(cfg.adapter_path, cfg, state[score])
+    log(f"adapter of step {best} ({score} {state[score].get(best, float('nan')):.4g}) -> {cfg.adapter_path} | "
+        f"peak memory {peak_memory_gb(torch.device(cfg.device)):.2f} GB")
+    return state

@@ -7,24 +7,24 @@
 
 A step divides the summed token losses of its micro-batches by the target tokens of all of them (with
 --stage_weights, the summed w * loss by the summed w: stages.py), so accumulation 4 x batch 1 equals batch 4.
-Only the fp32 LoRA matrices train, so all of them get weight decay (there are no trainable biases or norms to
-exempt). Checkpoints, resume and Ctrl-C are loop.py's: a resumed run
-ends bit-identical to one never stopped. The checkpoint with the lowest validation loss becomes --adapter_path.
+The loop, checkpoints, resume and Ctrl-C are loop.py's and checkpoint.py's: a resumed run ends bit-identical to one
+never stopped. The checkpoint with the lowest validation loss becomes --adapter_path.
 """
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import config
 import lora
 import loop
 import stages
-from data import IGNORE, collate, is_local, load_splits, step_batches
-from load import DEFAULT_ADAPTER, DEFAULT_MODEL, DTYPES, QUANTIZE, dtype_name, load_base, resolve_precision
+from data import IGNORE, collate, load_splits, step_batches
+from load import dtype_name, load_base, resolve_precision
 from loop import log
 from tinyreason import resolve_checkpoint, token_logprobs
 from tokenizer import Tokenizer
@@ -36,81 +36,40 @@ FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_
 
 
 @dataclass
-class TrainConfig:
-    model: str = DEFAULT_MODEL  # hub repo id or local Hugging Face checkpoint folder
-    data: str = "openai/gsm8k"  # hub dataset (config "main") or local .jsonl/.json/.parquet with question/answer
+class TrainConfig(loop.LoopConfig):
     num_samples: int = 2000  # records drawn (after dropping malformed ones) for train + validation; <= 0: all
     validation_split: float = 0.1  # fraction of those held out for the validation loss; 0: none
     test_samples: int = 50  # test questions eval.py scores; recorded so the experiment config has it
     max_seq_length: int = 2048  # longer examples are dropped and counted, never cut
     calculator: bool = False  # keep GSM8K's <<48/2=24>> as tool calls; eval.py and chat.py then use the tool
-    format: str = "plain"  # "upev": the think block in stages.py's UNDERSTAND/PLAN/EXECUTE/VERIFY stages
-    stage_weights: str = ""  # "1,1,1,1": loss weights of UNDERSTAND, PLAN, EXECUTE, VERIFY (+ answer); "": unweighted
-    quantize: str = "nf4"  # base weights: "nf4" (QLoRA) or "none" (16-bit LoRA)
-    lora_r: int = 16  # adapter rank
-    lora_alpha: float = 32  # the update is scaled by alpha / r
+    format: Literal["plain", "upev"] = "plain"  # upev: the think block in UNDERSTAND/PLAN/EXECUTE/VERIFY stages
+    stage_weights: str = ""  # e.g. 1,1,1,2: loss weights of UNDERSTAND,PLAN,EXECUTE,VERIFY (+ answer); empty: unweighted
     lora_dropout: float = 0.0  # dropout on the adapter input
     target_modules: tuple[str, ...] = lora.TARGETS  # projections of each block that get an adapter
-    verify_adapter: bool = False  # a second LoRA on the same projections, on only from the VERIFY tag on (stages.py)
-    verify_r: int = 16  # its rank
-    verify_alpha: float = 32  # its scale is verify_alpha / verify_r
+    verify_adapter: bool = False  # a second LoRA on the same projections, on from the VERIFY tag on (--format upev)
+    verify_r: int = 16  # rank of the verification adapter
+    verify_alpha: float = 32  # the verification adapter's update is scaled by verify_alpha / verify_r
     batch_size: int = 2  # examples per micro-batch
-    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step (effective batch 8)
-    max_steps: int = 250  # optimizer steps
-    warmup_steps: int = 50  # linear warmup, then linear decay to 0 at max_steps
-    learning_rate: float = 2e-4  # peak learning rate
-    weight_decay: float = 0.01  # decoupled (AdamW) decay of the LoRA matrices
-    max_grad_norm: float = 1.0  # clip the global gradient norm to this
-    optim: str = "auto"  # "adamw_8bit" (bitsandbytes, 8-bit states) or "adamw" (torch); auto: 8-bit on CUDA
-    dtype: str = "auto"  # bf16/fp16/fp32; auto: bf16 if the hardware has it, else fp16 + grad scaler (GPU) or fp32
-    device: str = "auto"  # "cuda", "cpu", ...; auto: cuda when available
-    gradient_checkpointing: bool = True  # recompute each block's activations in backward: less memory, slower
-    eval_steps: int = 50  # validation loss every this many steps (and at the end)
-    save_steps: int = 50  # checkpoint every this many steps (and at the end)
-    save_total_limit: int = 3  # newest checkpoints kept; the best one by validation loss is never deleted
-    logging_steps: int = 10  # a log line every this many steps
-    report_to: str = "none"  # also send the metrics.jsonl figures to "tensorboard" or "wandb"
-    seed: int = 3407  # seeds Python, NumPy, torch, the data order and the adapter init
-    output_dir: str = "outputs"  # checkpoints go here
-    adapter_path: str = DEFAULT_ADAPTER  # the best adapter + experiment_config.json end up here
-    resume: str = ""  # a checkpoint folder, or "latest" (bare --resume) in output_dir, to continue from
+    gradient_accumulation_steps: int = 4  # micro-batches per optimizer step, per process
 
 
 def parse_config(argv=None) -> TrainConfig:
-    return loop.parse_config(TrainConfig, argv, FIXED_ON_RESUME, __doc__)
+    return config.parse_config(TrainConfig, argv, FIXED_ON_RESUME, __doc__)
 
 
 def check_config(cfg: TrainConfig):
-    """Every input problem visible before the model loads, in one specific error."""
-    positive = ("batch_size", "gradient_accumulation_steps", "max_steps", "max_seq_length", "lora_r",
-                "eval_steps", "save_steps", "save_total_limit", "logging_steps", "learning_rate")
-    problems = [f"--{k} must be > 0 (got {getattr(cfg, k)})" for k in positive if getattr(cfg, k) <= 0]
-    problems += [f"--{k} must be >= 0 (got {getattr(cfg, k)})"
-                 for k in ("warmup_steps", "weight_decay", "max_grad_norm") if getattr(cfg, k) < 0]
+    """Every input problem argparse cannot see, found before the model loads, in one specific error."""
+    problems = loop.config_problems(cfg, ("batch_size", "gradient_accumulation_steps", "max_seq_length", "verify_r"))
     problems += [f"--{k} must be in [0, 1) (got {getattr(cfg, k)})"
                  for k in ("validation_split", "lora_dropout") if not 0 <= getattr(cfg, k) < 1]
-    for flag, allowed in (("optim", ("auto", "adamw", "adamw_8bit")), ("dtype", ("auto", *DTYPES)),
-                          ("quantize", QUANTIZE)):
-        if getattr(cfg, flag) not in allowed:
-            problems.append(f"--{flag} {getattr(cfg, flag)!r}: expected one of {allowed}")
-    problems += loop.check_report_to(cfg.report_to)
-    if cfg.format not in ("plain", "upev"):
-        problems.append(f"--format {cfg.format!r}: expected plain or upev")
     if (cfg.stage_weights or cfg.verify_adapter) and cfg.format != "upev":
         problems.append("--stage_weights and --verify_adapter need --format upev (a plain turn has no stages)")
     if cfg.format == "upev" and cfg.calculator:
         problems.append("--format upev writes its steps without calculator calls: drop --calculator")
     if cfg.stage_weights and not (len(w := stage_weights(cfg)) == 4 and min(w) >= 0 and sum(w) > 0):
         problems.append(f"--stage_weights {cfg.stage_weights!r}: expected four weights >= 0, not all 0, e.g. 1,1,1,1")
-    if cfg.verify_r <= 0:
-        problems.append(f"--verify_r must be > 0 (got {cfg.verify_r})")
     if unknown := sorted(set(cfg.target_modules) - set(lora.TARGETS)):
         problems.append(f"--target_modules {unknown}: expected a subset of {lora.TARGETS}")
-    if is_local(cfg.data) and not Path(cfg.data).is_file():
-        problems.append(f"--data {cfg.data}: no such file")
-    if not cfg.resume and loop.Checkpoints(cfg.output_dir).saved():
-        problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with "
-                        "--resume latest, or choose another --output_dir")
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -180,7 +139,6 @@ def setup(cfg: TrainConfig):
     the model with its adapter (the checkpoint's when resuming) and the optimizer."""
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    log(json.dumps(asdict(cfg), indent=2))
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
                                      cfg.seed, log, cfg.calculator, cfg.format == "upev")
@@ -193,11 +151,8 @@ def setup(cfg: TrainConfig):
         lora.inject(model, cfg.target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.verify_adapter:
             stages.add_verify_adapter(model, cfg.verify_r, cfg.verify_alpha)
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    log(lora.trainable_report(model))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = loop.make_optimizer(params, cfg.optim, cfg.learning_rate, cfg.weight_decay)
-    return tokenizer, train_set, val_set, model.train(), params, optimizer, device, dtype
+    model, params, optimizer = loop.trainable(model, cfg)
+    return tokenizer, train_set, val_set, model, params, optimizer, device, dtype
 
 
 def main(argv=None) -> dict:
@@ -208,57 +163,41 @@ def main(argv=None) -> dict:
     loop.seed_everything(cfg.seed)
     tokenizer, train_set, val_set, model, params, optimizer, device, dtype = setup(cfg)
     autocast, scaler = loop.amp(device, dtype)
-    state = {"step": 0, "position": (0, 0), "train_losses": {}, "val_losses": {}}
-    if cfg.resume:
-        state = loop.load_training_state(Path(cfg.resume), optimizer, scaler)
-        log(f"resumed from {cfg.resume} at step {state['step']}")
-    checkpoints = loop.Checkpoints(cfg.output_dir, cfg.save_total_limit)
-    metrics = loop.Metrics(cfg, state["step"])
-
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc="training", dynamic_ncols=True, disable=rank != 0)
-    tokens, train_time, window = 0, 0.0, []
     weights = torch.tensor(stage_weights(cfg)) if cfg.stage_weights else None
-    with loop.StopAtStepBoundary() as stop:
-        for step in range(state["step"], cfg.max_steps):
-            t0, lr = time.time(), loop.get_lr(step, cfg)
-            accum = cfg.gradient_accumulation_steps  # per process: a step is accum * world micro-batches
-            micro_batches, position = step_batches(train_set, cfg.batch_size, accum * world, cfg.seed,
-                                                   state["position"], tokenizer.pad_id)
-            tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
-            mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
-            n_targets = count_targets(micro_batches, weights)  # every process's micro-batches
-            loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets, weights)
-            loss = loop.all_ranks_sum(loss)[0]
-            loop.sum_gradients(params)
-            grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
-            if not np.isfinite(grad_norm):  # fp16 overflow: the scaler skipped the update
-                log(f"step {step + 1}: non-finite gradient norm, update skipped")
-            state.update(step=step + 1, position=position)
-            state["train_losses"][step + 1] = loss
-            window.append(loss)
-            train_time += time.time() - t0
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / train_time:.0f}")
-            bar.update()
-            metrics.log(state["step"], loss=loss, lr=lr, grad_norm=grad_norm, tok_s=tokens / train_time)
-            done = state["step"] == cfg.max_steps
-            if state["step"] % cfg.logging_steps == 0 or done:
-                log(f"step {state['step']}/{cfg.max_steps} | loss {sum(window) / len(window):.4f} | lr {lr:.3e} | "
-                    f"grad norm {grad_norm:.3f} | {tokens / train_time:.0f} tok/s")
-                window = []
-            if val_set and (state["step"] % cfg.eval_steps == 0 or done):
-                val = evaluate(model, val_set, cfg.batch_size, autocast, tokenizer.pad_id, device)
-                state["val_losses"][state["step"]] = val
-                metrics.log(state["step"], val_loss=val)
-                log(f"step {state['step']}: validation loss {val:.4f}")
-            loop.save_or_stop(checkpoints, stop, state["step"] % cfg.save_steps == 0 or done, "train.py", model,
-                              optimizer, scaler, state, cfg, state["val_losses"])
-    bar.close()
+    state = {"step": 0, "position": (0, 0), "loss": {}, "val_loss": {}}
+    tokens, train_time, window = 0, 0.0, []
 
-    step = checkpoints.export_best(cfg.adapter_path, cfg, state["val_losses"])
-    log(f"adapter of step {step} (validation loss {state['val_losses'].get(step, float('nan')):.4f}) -> "
-        f"{cfg.adapter_path} | {tokens / max(train_time, 1e-9):.0f} tok/s | "
-        f"peak memory {loop.peak_memory_gb(device):.2f} GB")
-    return state
+    def train_step(step):
+        """Micro-batches of every process, this process's share of them forward and backward, one update."""
+        nonlocal tokens, train_time
+        t0, lr = time.time(), loop.get_lr(step, cfg)
+        accum = cfg.gradient_accumulation_steps  # per process: a step is accum * world micro-batches
+        micro_batches, state["position"] = step_batches(train_set, cfg.batch_size, accum * world, cfg.seed,
+                                                        state["position"], tokenizer.pad_id)
+        tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
+        mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
+        n_targets = count_targets(micro_batches, weights)  # every process's micro-batches
+        loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets, weights)
+        loss = loop.all_ranks_sum(loss)[0]
+        grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
+        if not np.isfinite(grad_norm):  # fp16 overflow: the scaler skipped the update
+            log(f"step {step + 1}: non-finite gradient norm, update skipped")
+        train_time += time.time() - t0
+        window.append(loss)
+        figures = dict(loss=loss, lr=lr, grad_norm=grad_norm, tok_s=tokens / train_time)
+        if (step + 1) % cfg.logging_steps and step + 1 < cfg.max_steps:
+            return figures, None
+        line = (f"step {step + 1}/{cfg.max_steps} | loss {sum(window) / len(window):.4f} | lr {lr:.3e} | "
+                f"grad norm {grad_norm:.3f} | {tokens / train_time:.0f} tok/s")
+        window.clear()
+        return figures, line
+
+    def validate():
+        val = evaluate(model, val_set, cfg.batch_size, autocast, tokenizer.pad_id, device)
+        return {"val_loss": val}, f"validation loss {val:.4f}"
+
+    return loop.run(cfg, "train.py", model, optimizer, scaler, state, train_step, validate if val_set else None,
+                    score="val_loss", shown=("loss", "lr", "tok_s"))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def test_rl_zone_keeps_questions_whose_difficulty_is_in_range(tmp_path, monkeypa
         raise Loaded
     monkeypatch.setattr(rl, "load_base", load_base)
     monkeypatch.setattr(rl, "resolve_checkpoint", lambda path: path)
-    monkeypatch.setattr(rl, "log", captured.append)
+    monkeypatch.setattr(rl.loop, "log", captured.append)
     with pytest.raises(Loaded):
         rl.setup(cfg)
     assert captured[0].startswith("data: 4 training questions")

@@ -1,12 +1,19 @@
-"""loop.py's metrics file and --report_to, and plot.py's curves.
+"""loop.py: the schedule, the checks both loops share, the metrics file, the loop itself (evaluations, checkpoints,
+the exported best, Ctrl-C at a step boundary) on a toy model, and plot.py's curves.
 
     python -m pytest tests/test_loop.py -q
 """
 import json
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
 
+import lora
 import loop
 import plot
 
@@ -17,6 +24,15 @@ def cfg(tmp_path, report_to="none"):
 
 def steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
+
+
+def test_schedule_warms_up_then_decays_linearly_to_zero():
+    cfg = loop.LoopConfig(learning_rate=1e-3, warmup_steps=10, max_steps=110)
+    lrs = [loop.get_lr(s, cfg) for s in range(cfg.max_steps)]
+    assert lrs[0] == pytest.approx(1e-4)  # step 0 already trains
+    assert lrs[9] == pytest.approx(1e-3) and lrs[10] == pytest.approx(1e-3)  # the peak at the end of warmup
+    assert lrs[-1] == pytest.approx(1e-3 / 100)  # one decay step before 0
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 def test_metrics_are_one_line_per_call_and_a_resume_drops_the_lines_past_its_checkpoint(tmp_path):
@@ -31,12 +47,76 @@ def test_metrics_are_one_line_per_call_and_a_resume_drops_the_lines_past_its_che
     assert [r["step"] for r in lines] == [1, 2, 3] and lines[2]["loss"] == 0.3 and "time" in lines[2]
 
 
-def test_report_to_a_missing_package_is_a_clear_error_before_loading(monkeypatch):
+def test_report_to_a_missing_package_is_a_clear_error_before_loading(tmp_path, monkeypatch):
     monkeypatch.setattr(loop.importlib.util, "find_spec", lambda name: None)
-    assert loop.check_report_to("wandb") == [
+    assert loop.config_problems(loop.LoopConfig(report_to="wandb", output_dir=str(tmp_path))) == [
         "--report_to wandb: the wandb package is not installed (pip install wandb), or use --report_to none"]
-    assert loop.check_report_to("none") == []
-    assert "expected none, tensorboard or wandb" in loop.check_report_to("mlflow")[0]
+    assert loop.config_problems(loop.LoopConfig(output_dir=str(tmp_path))) == []
+
+
+def test_a_fresh_run_into_an_output_dir_with_checkpoints_is_refused(tmp_path):
+    (tmp_path / "checkpoint-000002").mkdir()
+    assert "already holds checkpoints: continue them with --resume" in \
+        loop.config_problems(loop.LoopConfig(output_dir=str(tmp_path)))[0]
+    assert loop.config_problems(loop.LoopConfig(output_dir=str(tmp_path), resume="latest")) == []
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(4, 4)
+
+
+def run_toy(tmp_path, val_losses, interrupt_at=None, **fields):
+    """loop.run over a LoRA on one linear layer: each step one AdamW update; the validation loss of step s is
+    val_losses[s]."""
+    torch.manual_seed(0)
+    model = Toy()
+    if fields.get("resume"):  # as the scripts do: the checkpoint's own adapter
+        lora.load_adapter(model, fields["resume"])
+    else:
+        lora.inject(model, ("q_proj",), r=2, alpha=4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scaler = torch.optim.AdamW(params, lr=1e-2), torch.amp.GradScaler("cpu", enabled=False)
+    cfg = loop.LoopConfig(model="toy", max_steps=5, eval_steps=2, save_steps=2, save_total_limit=1, device="cpu",
+                          output_dir=str(tmp_path), adapter_path=str(tmp_path / "adapter"), **fields)
+    state = {"step": 0, "loss": {}, "val_loss": {}}
+
+    def train_step(step):
+        loss = model.q_proj(torch.ones(1, 4)).square().mean()
+        loss.backward()
+        loop.optimizer_step(optimizer, scaler, params, 1.0, loop.get_lr(step, cfg))
+        if step + 1 == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C inside the step
+        return {"loss": loss.item()}, None
+
+    return loop.run(cfg, "toy.py", model, optimizer, scaler, state, train_step,
+                    lambda: ({"val_loss": val_losses[state["step"]]}, "validation"), score="val_loss")
+
+
+def test_the_loop_evaluates_and_saves_on_schedule_and_at_the_end_and_exports_the_best(tmp_path):
+    state = run_toy(tmp_path, {2: 0.5, 4: 0.1, 5: 0.3})
+    assert sorted(state["loss"]) == [1, 2, 3, 4, 5] and state["val_loss"] == {2: 0.5, 4: 0.1, 5: 0.3}
+    assert steps(tmp_path / "metrics.jsonl") == [1, 2, 2, 3, 4, 4, 5, 5]
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000004", "checkpoint-000005"]
+    exported, best = (load_file(folder / "adapter_model.safetensors")
+                      for folder in (tmp_path / "adapter", tmp_path / "checkpoint-000004"))
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in best)
+    assert (tmp_path / "adapter" / "experiment_config.json").is_file()
+
+
+def test_ctrl_c_saves_the_step_it_was_inside_and_a_resume_ends_where_an_uninterrupted_run_does(tmp_path):
+    scores = {2: 0.5, 4: 0.1, 5: 0.3}
+    straight = run_toy(tmp_path / "straight", scores)
+    with pytest.raises(SystemExit) as stop:
+        run_toy(tmp_path / "stopped", scores, interrupt_at=3)
+    assert stop.value.code == 130
+    assert sorted(p.name for p in (tmp_path / "stopped").glob("checkpoint-*")) == ["checkpoint-000002",
+                                                                                  "checkpoint-000003"]
+    resumed = run_toy(tmp_path / "stopped", scores, resume=str(tmp_path / "stopped" / "checkpoint-000003"))
+    assert resumed["loss"] == straight["loss"] and resumed["val_loss"] == straight["val_loss"]
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == (tmp_path / "straight" / adapter).read_bytes()
 
 
 @pytest.mark.parametrize("rows", [

@@ -1,9 +1,10 @@
-"""rl.py: advantages, clipping, normalizers and KL computed by hand on tiny tensors; the log-prob path against full
-logits; rewards table-driven; the reward rising under every preset on a tiny model; exact resume.
+"""rl.py: advantages, normalizers and the loss (clip, KL) computed by hand on tiny tensors; the log-prob path against
+full logits; rewards table-driven; the reward rising under every preset on a tiny model; exact resume.
 
     python -m pytest tests/test_rl.py -q
 """
 import json
+import math
 import os
 import signal
 
@@ -57,22 +58,24 @@ def test_lpro_length_term_lowers_the_advantage_of_longer_completions_and_vanishe
     torch.testing.assert_close(rl.advantages(r, lengths, "group", length_penalty=0.0)[0], plain)
 
 
-def surrogate_grad(ratio: float, adv: float, eps_high: float) -> float:
-    logp = torch.tensor(float(torch.log(torch.tensor(ratio))), requires_grad=True)
-    objective, _ = rl.clipped_objective(logp, torch.tensor(0.0), torch.tensor(adv), 0.2, eps_high)
-    objective.backward()
+def loss_gradient(ratio: float, adv: float, eps_high: float) -> float:
+    """d loss / d ℓ of one token whose ratio to the rollout policy is `ratio`."""
+    logp = torch.tensor(math.log(ratio), requires_grad=True)
+    loss, _ = rl.policy_loss(logp, torch.tensor(0.0), None, torch.tensor(adv), torch.tensor(1.0),
+                             tiny_cfg(eps_high=eps_high))
+    loss.backward()
     return float(logp.grad)
 
 
 def test_the_clip_gives_exactly_zero_gradient_where_it_acts():
-    assert surrogate_grad(1.3, 1.0, 0.2) == 0.0  # ρ > 1 + ε_high with A > 0
-    assert surrogate_grad(0.7, -1.0, 0.2) == 0.0  # ρ < 1 - ε_low with A < 0
-    assert surrogate_grad(1.3, -1.0, 0.2) == pytest.approx(-1.3)  # the pessimistic side is never clipped
+    assert loss_gradient(1.3, 1.0, 0.2) == 0.0  # ρ > 1 + ε_high with A > 0
+    assert loss_gradient(0.7, -1.0, 0.2) == 0.0  # ρ < 1 - ε_low with A < 0
+    assert loss_gradient(1.3, -1.0, 0.2) == pytest.approx(1.3)  # the pessimistic side is never clipped
 
 
 def test_clip_higher_lets_a_ratio_of_1_25_through_where_0_2_does_not():
-    assert surrogate_grad(1.25, 1.0, 0.2) == 0.0
-    assert surrogate_grad(1.25, 1.0, 0.28) == pytest.approx(1.25)
+    assert loss_gradient(1.25, 1.0, 0.2) == 0.0
+    assert loss_gradient(1.25, 1.0, 0.28) == pytest.approx(-1.25)
 
 
 @pytest.mark.parametrize("agg, expected", [("token", [1 / 8] * 2), ("seq", [1 / 4, 1 / 12]), ("const", [1 / 20] * 2)])
@@ -81,9 +84,15 @@ def test_normalizers_of_two_sequences_of_lengths_2_and_6(agg, expected):
     torch.testing.assert_close(w, torch.tensor([*expected, 0.0]))
 
 
-def test_k3_is_nonnegative_and_zero_where_policy_equals_reference():
+def kl(logp, ref_logp):
+    """The loss's β·k3 term per token at β = 1, A = 0 and ρ = 1."""
+    return torch.stack([rl.policy_loss(l, l, r, torch.tensor(0.0), torch.tensor(1.0), tiny_cfg(beta=1.0))[0]
+                        for l, r in zip(logp, ref_logp)])
+
+
+def test_the_kl_term_is_nonnegative_and_zero_where_policy_equals_reference():
     logp, ref = torch.randn(100), torch.randn(100)
-    assert (rl.k3(logp, ref) >= 0).all() and rl.k3(logp, logp).abs().max() == 0
+    assert (kl(logp, ref) >= 0).all() and kl(logp, logp).abs().max() == 0
 
 
 @pytest.mark.parametrize("text, gold, stopped, correct, fmt", [
@@ -159,17 +168,13 @@ def lora_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def update(model, batch, cfg):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)  # gradients only
-    grads = {}
-    real_step = rl.loop.optimizer_step
-    rl.loop.optimizer_step = lambda *a: (grads.update(lora_grads(model)), real_step(*a))[1]
-    try:
-        stats = rl.policy_update(model, opt, torch.amp.GradScaler("cpu", enabled=False),
-                                 [p for p in model.parameters() if p.requires_grad], batch, cfg, "cpu",
-                                 torch.autocast("cpu", enabled=False), 0.0)
-    finally:
-        rl.loop.optimizer_step = real_step
+def update(model, batch, cfg, monkeypatch):
+    """policy_update's statistics, and the gradients of its (last) optimizer step, which changes nothing (lr 0)."""
+    params, grads, optimizer_step = [p for p in model.parameters() if p.requires_grad], {}, rl.loop.optimizer_step
+    monkeypatch.setattr(rl.loop, "optimizer_step", lambda *a: (grads.update(lora_grads(model)), optimizer_step(*a))[1])
+    stats = rl.policy_update(model, torch.optim.SGD(params, lr=0.0), torch.amp.GradScaler("cpu", enabled=False), params,
+                             batch, cfg, "cpu", torch.autocast("cpu", enabled=False), 0.0)
+    monkeypatch.undo()
     return grads, stats
 
 
@@ -177,11 +182,12 @@ def tiny_cfg(**kw):
     return rl.RLConfig(**{**dict(temperature=1.0, eps_high=0.2, beta=0.0, ppo_epochs=1, micro_batch_size=8), **kw})
 
 
-def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(model_and_tok):
+def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(model_and_tok, monkeypatch):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
     adv, w = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3])
-    ours, stats = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w), tiny_cfg())
+    ours, stats = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w), tiny_cfg(),
+                         monkeypatch)
     model.zero_grad()
     lengths = torch.tensor([len(c) for c in completions])
     logp = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu")
@@ -192,12 +198,12 @@ def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(mo
     model.zero_grad()
 
 
-def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok):
+def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok, monkeypatch):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
     adv, w, forced = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3]), [[1, 2], [], [0]]
     ours, _ = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w, forced=forced),
-                     tiny_cfg())
+                     tiny_cfg(), monkeypatch)
     model.zero_grad()
     logp = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").split([len(c) for c in completions])
     own = [torch.cat([logp[0][:1], logp[0][3:]]), logp[1], logp[2][1:]]  # the sampled tokens' log-probs only
@@ -207,34 +213,34 @@ def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok):
     model.zero_grad()
 
 
-def test_micro_batches_of_one_give_the_gradient_of_one_batch(model_and_tok):
+def test_micro_batches_of_one_give_the_gradient_of_one_batch(model_and_tok, monkeypatch):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
     batch = dict(prompts=prompts, completions=completions, adv=torch.tensor([1.0, -0.5, 0.25]),
                  weight=rl.token_weights(torch.tensor([len(c) for c in completions]), torch.ones(3, dtype=torch.bool),
                                          "seq", 16))
-    one, _ = update(model, batch, tiny_cfg(micro_batch_size=3))
+    one, _ = update(model, batch, tiny_cfg(micro_batch_size=3), monkeypatch)
     model.zero_grad()
-    three, _ = update(model, batch, tiny_cfg(micro_batch_size=1))
+    three, _ = update(model, batch, tiny_cfg(micro_batch_size=1), monkeypatch)
     model.zero_grad()
     for name, g in one.items():
         torch.testing.assert_close(three[name], g, rtol=1e-5, atol=1e-8, msg=name)
 
 
-def test_reference_swap_reproduces_the_starting_policy_and_restores_the_current_one(model_and_tok):
+def test_the_reference_pass_runs_the_starting_adapter_and_leaves_the_current_one_in_place(model_and_tok):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
+    batch, cfg = dict(prompts=prompts, completions=completions), tiny_cfg()
     start = {k: p.detach().clone() for k, p in lora.lora_state_dict(model).items()}
     before = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").detach()
     with torch.no_grad():
         for p in lora.lora_state_dict(model).values():
             p.add_(0.05)  # the policy moves
     moved = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").detach()
-    with rl.adapter_swapped(model, start):
-        ref = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").detach()
+    ref = torch.cat(rl.frozen_logprobs(model, batch, cfg, "cpu", torch.autocast("cpu", enabled=False), start))
     torch.testing.assert_close(ref, before)
     torch.testing.assert_close(rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").detach(), moved)
-    assert rl.k3(before, ref).abs().max() == 0 and rl.k3(moved, ref).mean() > 0
+    assert kl(before, ref).abs().max() == 0 and kl(moved, ref).mean() > 0
     with torch.no_grad():
         for k, p in lora.lora_state_dict(model).items():
             p.copy_(start[k])
@@ -271,7 +277,7 @@ def questions(tmp_path_factory):
 @pytest.fixture(scope="module")
 def learnable_checkpoint(tmp_path_factory, tokenizer_dir):
     """Init std 0.2: the normed hidden state can then move the logits of half the vocabulary against the other half
-    far enough for the toy reward to approach 1 (with 0.02 it could not pass about 0.55)."""
+    far enough for the toy reward to approach 1, which the default 0.02 cannot."""
     return make_checkpoint(tmp_path_factory.mktemp("rl_model"), tokenizer_dir, tie=False, initializer_range=0.2)
 
 
@@ -294,7 +300,7 @@ def test_a_few_steps_of_every_preset_raise_a_toy_reward(learnable_checkpoint, qu
     monkeypatch.setattr(rl, "compute_rewards", even_fraction)
     state = run(learnable_checkpoint, questions, tmp_path, "--algo", algo, "--max_steps", "24", "--save_steps", "24",
                 "--group_size", "8")  # infused's preset would sample 3
-    r = [state["rewards"][s] for s in sorted(state["rewards"])]
+    r = [state["reward"][s] for s in sorted(state["reward"])]
     assert sum(r[-4:]) / 4 > sum(r[:4]) / 4 + 0.15, r
 
 
@@ -308,7 +314,7 @@ def test_a_very_large_beta_keeps_the_policy_at_the_reference(learnable_checkpoin
     b_free = [t for k, t in load_file(tmp_path / "free" / "adapter" / "adapter_model.safetensors").items()
               if "lora_B" in k]
     assert sum(t.abs().sum() for t in b) < 0.1 * sum(t.abs().sum() for t in b_free)
-    assert sum(free["rewards"][s] for s in (10, 11, 12)) > sum(held["rewards"][s] for s in (10, 11, 12))
+    assert sum(free["reward"][s] for s in (10, 11, 12)) > sum(held["reward"][s] for s in (10, 11, 12))
 
 
 def test_a_run_stopped_by_ctrl_c_after_two_steps_resumes_to_the_same_third_step(learnable_checkpoint, questions,
@@ -328,13 +334,20 @@ def test_a_run_stopped_by_ctrl_c_after_two_steps_resumes_to_the_same_third_step(
         run(learnable_checkpoint, questions, tmp_path / "b", *flags)
     monkeypatch.setattr(rl, "compute_rewards", even_fraction)
     resumed = rl.main(["--resume", "--output_dir", str(tmp_path / "b")])
-    assert resumed["rewards"] == straight["rewards"]
+    assert resumed["reward"] == straight["reward"]
     a = (tmp_path / "a" / "adapter" / "adapter_model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 def test_bad_flags_fail_before_any_loading(questions):
-    with pytest.raises(ValueError, match="--loss_agg 'mean'"):
-        rl.main(["--adapter", "none", "--model", "/nonexistent", "--data", str(questions), "--loss_agg", "mean"])
-    with pytest.raises(ValueError, match="--algo 'ppo'"):
-        rl.main(["--algo", "ppo"])
+    with pytest.raises(ValueError, match="--reward_weights '1,0': expected three numbers"):
+        rl.main(["--adapter", "none", "--model", "/nonexistent", "--data", str(questions), "--reward_weights", "1,0"])
+    with pytest.raises(ValueError, match="--temperature 0 samples one completion G times"):
+        rl.main(["--adapter", "none", "--model", "/nonexistent", "--data", str(questions), "--temperature", "0"])
+
+
+@pytest.mark.parametrize("flag, value", [("--loss_agg", "mean"), ("--algo", "ppo"), ("--format", "xml")])
+def test_a_value_outside_a_flags_choices_is_an_argparse_error_before_any_loading(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        rl.main([flag, value])
+    assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err

@@ -1,0 +1,150 @@
+"""Checkpoints that resume exactly. output_dir/checkpoint-NNNNNN holds the adapter (PEFT format),
+experiment_config.json (the run's resolved config, which --config and --resume read back) and training_state.pt:
+optimizer, grad scaler, every process's RNG states and the loop's own state, all tensors and plain data, so it loads
+with torch.load(weights_only=True) and nothing in the file is ever executed.
+
+Folders are written under a temporary name and renamed into place, and renamed away before they are deleted, so a
+reader (or a resume after a crash) never sees a partial one.
+"""
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lora
+
+CONFIG_FILE = "experiment_config.json"
+
+
+def processes() -> tuple[int, int]:
+    """This process's rank and the number of processes: torchrun's, once loop.init_distributed has joined them."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+class Checkpoints:
+    """The checkpoint-NNNNNN folders of output_dir. Pruning keeps the newest and the best by `scores` (lower is
+    better, or higher with maximize), and fills up to `limit` with the next newest."""
+
+    def __init__(self, output_dir, limit: int = 1, maximize: bool = False):
+        self.dir, self.limit, self.maximize = Path(output_dir), limit, maximize
+
+    def saved(self) -> dict[int, Path]:
+        """step -> folder, oldest first."""
+        return {int(p.name[11:]): p for p in sorted(self.dir.glob("checkpoint-[0-9]*"))}
+
+    def best(self, scores: dict[int, float]) -> int:
+        """The saved step with the best score; the newest when none was scored."""
+        saved = self.saved()
+        scored = [s for s in saved if s in scores]
+        if not scored:
+            return max(saved)
+        return (max if self.maximize else min)(scored, key=scores.get)
+
+    def save(self, model, optimizer, scaler, state: dict, cfg, scores: dict[int, float]) -> Path:
+        """Called by every process: each one's RNG states are kept (rank 0 writes), so a resume with the same
+        number of processes is exact."""
+        rank, world = processes()
+        final = self.dir / f"checkpoint-{state['step']:06d}"
+        rngs = [rng_state()]
+        if world > 1:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if rank != 0:
+            dist.barrier()  # until rank 0 has written it
+            return final
+        tmp = final.with_name(".tmp-" + final.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapter(model, tmp, cfg.model)
+        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                    "rng": rngs}, tmp / "training_state.pt")
+        save_config(cfg, tmp)
+        replace_folder(tmp, final)
+        self.prune(scores)
+        if world > 1:
+            dist.barrier()
+        return final
+
+    def prune(self, scores: dict[int, float]):
+        saved = self.saved()
+        keep = {max(saved), self.best(scores)}
+        keep |= set(sorted(set(saved) - keep)[len(keep) - self.limit:] if self.limit > len(keep) else [])
+        for step in set(saved) - keep:
+            discard(saved[step])
+
+    def export_best(self, adapter_path, cfg, scores: dict[int, float]) -> int:
+        """Copy the best checkpoint's adapter to adapter_path, with the run's resolved config; returns its step."""
+        step = self.best(scores)
+        if processes()[0] != 0:
+            return step
+        out = Path(adapter_path)
+        tmp = out.with_name(".tmp-" + out.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.saved()[step], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
+        save_config(cfg, tmp)
+        replace_folder(tmp, out)
+        return step
+
+
+def save_config(cfg, folder: Path):
+    (folder / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+
+
+def resume_folder(resume: str, output_dir) -> Path:
+    """--resume latest (the newest checkpoint in output_dir) or a checkpoint folder."""
+    if resume == "latest":
+        if not (saved := Checkpoints(output_dir).saved()):
+            raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {output_dir}")
+        return saved[max(saved)]
+    if not (Path(resume) / "training_state.pt").is_file():
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no training_state.pt)")
+    return Path(resume)
+
+
+def load_training_state(folder: Path, optimizer, scaler) -> dict:
+    """Restore optimizer, scaler and RNG states from a checkpoint (saved on any device); returns the loop state."""
+    rank, world = processes()
+    saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])  # moves the states to the parameters' device
+    scaler.load_state_dict(saved["scaler"])
+    if len(saved["rng"]) != world:
+        raise ValueError(f"{folder} was saved by {len(saved['rng'])} processes: resume it with as many, not {world}")
+    set_rng_state(saved["rng"][rank])
+    return saved["state"]
+
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from, as tensors and plain data (loadable with weights_only=True)."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                             has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict):
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def replace_folder(tmp: Path, final: Path):
+    """Put a fully written `tmp` in place of `final` by renames, so a reader never sees a partial folder."""
+    if final.exists():
+        discard(final)
+    os.replace(tmp, final)
+
+
+def discard(folder: Path):
+    trash = folder.with_name(".del-" + folder.name)  # renamed first: never listed half-deleted
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
