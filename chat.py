@@ -9,7 +9,8 @@
 import argparse
 
 import data
-from generate import generate
+import stages
+from generate import generate, stopped
 from load import add_model_flags, load_from_flags, resolve_model_flags
 
 
@@ -38,9 +39,9 @@ def answer(model, tokenizer, question: str, args):
     prompt = tokenizer.apply_chat(data.prompt_messages(question, args.system))
     ids = generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    on_token=lambda row, token: print(decoder.push(token), end="", flush=True),
-                   calculator=args.calculator)[0]
+                   calculator=args.calculator)[0][0]
     print(decoder.flush())
-    if len(ids) == args.max_new_tokens:
+    if not stopped(ids, tokenizer):
         print(f"[cut off at --max_new_tokens {args.max_new_tokens}]")
 
 
@@ -57,6 +58,8 @@ def main():
         raise SystemExit("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
     adapter, _ = resolve_model_flags(args)
     model, tokenizer = load_from_flags(args, adapter)
+    if adapter is not None:
+        stages.load_verify(model, tokenizer, adapter)
     if args.prompt is not None:
         return answer(model, tokenizer, args.prompt, args)
     print("Type a math problem; exit, quit or Ctrl-D to leave.")

@@ -31,8 +31,8 @@ class Checkpoints:
     """The checkpoint-NNNNNN folders of output_dir. Pruning keeps the newest and the best by `scores` (lower is
     better, or higher with maximize), and fills up to `limit` with the next newest."""
 
-    def __init__(self, output_dir, limit: int = 1, maximize: bool = False):
-        self.dir, self.limit, self.maximize = Path(output_dir), limit, maximize
+    def __init__(self, output_dir, limit: int = 1, maximize: bool = False, save_adapter=lora.save_adapter):
+        self.dir, self.limit, self.maximize, self.save_adapter = Path(output_dir), limit, maximize, save_adapter
 
     def saved(self) -> dict[int, Path]:
         """step -> folder, oldest first."""
@@ -60,7 +60,7 @@ class Checkpoints:
             return final
         tmp = final.with_name(".tmp-" + final.name)
         shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_adapter(model, tmp, cfg.model)
+        self.save_adapter(model, tmp, cfg.model)
         torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
                     "rng": rngs}, tmp / "training_state.pt")
         save_config(cfg, tmp)

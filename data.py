@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-import stages
 from calculator import evaluate, pieces
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
@@ -167,17 +166,15 @@ def build_example(tokenizer, record: dict, calculator: bool = False) -> dict:
     targets on the assistant content and its <|im_end|>; the "\\n" the template puts after that <|im_end|>
     follows the end of the turn, so it is neither input nor target. The ids are those generation sees: the
     prompt as eval.py renders it, then the content, each piece the calculator writes (`24>>`) tokenized alone
-    and masked. `stages` holds each token's reasoning stage (stages.py), NO_STAGE on the prompt."""
+    and masked."""
     question, assistant = format_example(record, calculator)
     input_ids = tokenizer.apply_chat(prompt_messages(question), add_generation_prompt=True)
     labels = [IGNORE] * len(input_ids)
-    n_prompt = len(input_ids)
     for piece, by_tool in pieces(assistant) if calculator else [(assistant, False)]:
         ids = tokenizer.encode(piece)
         input_ids, labels = input_ids + ids, labels + ([IGNORE] * len(ids) if by_tool else ids)
     input_ids, labels = input_ids + [tokenizer.im_end_id], labels + [tokenizer.im_end_id]
-    return {"input_ids": input_ids, "labels": labels,
-            "stages": [stages.NO_STAGE] * n_prompt + stages.token_stages(tokenizer, input_ids[n_prompt:])}
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def build_examples(tokenizer, records: list[dict], max_seq_length: int,
@@ -189,12 +186,12 @@ def build_examples(tokenizer, records: list[dict], max_seq_length: int,
 
 
 def load_splits(source: str, tokenizer, num_samples: int, validation_split: float, max_seq_length: int, seed: int,
-                log=print, calculator: bool = False, upev: bool = False) -> tuple[list[dict], list[dict]]:
-    """Train and validation examples from `source`, logging what was skipped or dropped; with `upev` in the four
-    stages of stages.py (a record that cannot be verified counts as malformed)."""
+                log=print, calculator: bool = False, render=None) -> tuple[list[dict], list[dict]]:
+    """Train and validation examples from `source`, logging what was skipped or dropped. `render` rewrites each
+    record first (stages.upev_record: a record it cannot render counts as malformed)."""
     records = load_records(source)
-    if upev:
-        records = [stages.upev_record(r) for r in records]
+    if render:
+        records = [render(r) for r in records]
     train_records, val_records, n_bad = prepare_splits(records, num_samples, validation_split, seed)
     train, n_long = build_examples(tokenizer, train_records, max_seq_length, calculator)
     val, n_long_val = build_examples(tokenizer, val_records, max_seq_length, calculator)
@@ -238,8 +235,8 @@ def step_batches(examples: list[dict], batch_size: int, accumulation: int, seed:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest example: input_ids/labels/attention_mask, and stages where the examples have them,
-    each (B, T)."""
+    """Right-pad to the longest example: input_ids/labels/attention_mask, and the targets' loss weights where the
+    examples have them (stages.weigh_by_stage), each (B, T)."""
     T = max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
@@ -250,8 +247,8 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         labels[row, :n] = torch.tensor(ex["labels"])
         attention_mask[row, :n] = 1
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-    if "stages" in examples[0]:
-        batch["stages"] = torch.full((len(examples), T), stages.NO_STAGE, dtype=torch.long)
+    if "weights" in examples[0]:
+        batch["weights"] = torch.zeros((len(examples), T))
         for row, ex in enumerate(examples):
-            batch["stages"][row, :len(ex["stages"])] = torch.tensor(ex["stages"])
+            batch["weights"][row, :len(ex["weights"])] = torch.tensor(ex["weights"])
     return batch

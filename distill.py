@@ -100,8 +100,8 @@ def main(argv=None):
         batch = todo[start:start + cfg.batch_size]
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
         prompts = [teacher_prompt(tokenizer, r["question"], cfg.teacher_format) for _, r in batch]
-        completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n,
-                               keep_stop=True, generator=generator)
+        completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n,
+                                  generator=generator)
         lines = []
         for j, (_, record) in enumerate(batch):
             rows = completions[j * n:(j + 1) * n]

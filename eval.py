@@ -15,8 +15,8 @@ from tqdm import tqdm
 import data
 import stages
 from calculator import DONE
-from generate import generate
-from grade import extract_answer, is_compliant, is_correct, normalize, wilson
+from generate import generate, stopped
+from grade import extract_answer, is_compliant, is_correct, normalize, step_validity, wilson
 from load import add_model_flags, load_from_flags, resolve_model_flags
 
 DEFAULT_LIMIT = 50  # problems scored when the adapter's run did not record test_samples
@@ -35,13 +35,15 @@ def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
     return records
 
 
-def score(record: dict, output: str, style: str) -> dict:
-    """One line of --out: what was asked, what came out, how it was read and whether it is right, and how sound its
-    reasoning is (stages.metrics)."""
+def score(record: dict, output: str, style: str, upev: bool = False) -> dict:
+    """One line of --out: what was asked, what came out, how it was read and whether it is right, how many of its
+    arithmetic statements are true, and for a UPEV output the step-aware figures (stages.metrics)."""
     extracted = extract_answer(output)
     gold, pred = normalize(data.gold_answer(record)), normalize(extracted)
-    return dict(question=record["question"], gold=gold, output=output, extracted=extracted, normalized=pred,
-                correct=is_correct(pred, gold), compliant=is_compliant(output, style)) | stages.metrics(output)
+    row = dict(question=record["question"], gold=gold, output=output, extracted=extracted, normalized=pred,
+               correct=is_correct(pred, gold), compliant=is_compliant(output, style),
+               steps=list(step_validity(output.split("</think>")[0])))
+    return row | stages.metrics(output) if upev else row
 
 
 def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
@@ -55,7 +57,7 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
              f"- format compliance: {sum(r['compliant'] for r in rows) / n:.3f}",
              f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, "
              f"max {lengths[-1]}; "
-             f"{sum(t >= max_new_tokens for t in lengths)} of {n} cut at --max_new_tokens {max_new_tokens}", "",
+             f"{sum(not r['stopped'] for r in rows)} of {n} cut at --max_new_tokens {max_new_tokens}", "",
              "| question | gold | read as | end of the answer |", "|---|---|---|---|"]
     for r in [r for r in rows if not r["correct"]][:5]:
         question, read, end = (" ".join(str(t).split()).replace("|", "\\|") for t in
@@ -83,9 +85,12 @@ def main():
     # Every input is checked before the (slow) model load.
     adapter, cfg = resolve_model_flags(args)
     limit = args.limit if args.limit is not None else cfg.get("test_samples", DEFAULT_LIMIT)
+    upev = cfg.get("format") == "upev"  # the step-aware figures, for an adapter trained in that format
     records = load_eval_records(args.data, args.split, limit)
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     net, tokenizer = load_from_flags(args, adapter)
+    if adapter is not None:
+        stages.load_verify(net, tokenizer, adapter)
     print(f"model {args.model} | adapter {adapter} | {args.quantize} {args.dtype} on {args.device} | "
           f"{args.prompt_style} prompts | {len(records)} problems from {args.data} | "
           f"calculator {'on' if args.calculator else 'off'}")
@@ -99,11 +104,12 @@ def main():
     for start in bar:
         batch = order[start: start + args.batch_size]
         t0 = time.perf_counter()
-        new_ids = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
-                           on_token=lambda row, token: tokens.update(), calculator=args.calculator)
+        new_ids, _ = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
+                              on_token=lambda row, token: tokens.update(), calculator=args.calculator)
         seconds += time.perf_counter() - t0
         for i, ids in zip(batch, new_ids):
-            rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style) | {"tokens": len(ids)}
+            rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style, upev) | {
+                "tokens": len(ids), "stopped": stopped(ids, tokenizer)}
             n_tokens += len(ids)
         done = order[: start + len(batch)]
         bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
@@ -119,7 +125,10 @@ def main():
     print(f"strict accuracy (answer in the {args.prompt_style} format): {n_strict / n:.4f} ({n_strict}/{n})")
     print(f"format compliance: {n_format / n:.4f} ({n_format}/{n})")
     print(f"mean generated tokens: {n_tokens / n:.1f}")
-    print("\n".join(stages.summary(rows)))
+    steps = [sum(r["steps"][i] for r in rows) for i in (0, 1)]
+    print(f"step validity (true arithmetic statements): {stages.ratio(*steps)}")
+    if upev:
+        print("\n".join(stages.summary(rows)))
     if args.calculator:
         print(f"calculator calls per answer: {sum(len(DONE.findall(r['output'])) for r in rows) / n:.2f}")
     print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")

@@ -1,7 +1,7 @@
-"""Batched generation with a KV cache: left-padded prompts, rows that leave the batch when they stop,
-greedy or nucleus sampling, and the calculator tool writing its results into the rows that call it.
+"""Batched generation with a KV cache: left-padded prompts, rows that leave the batch when they stop, greedy or
+nucleus sampling, and the calculator tool writing its results into the rows that call it.
 
-    new_ids = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, temperature=0.0)
+    tokens, sampled = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, temperature=0.0)
 """
 import torch
 
@@ -18,9 +18,9 @@ def sample(logits, temperature, top_p, generator=None):
     if top_p < 1:  # keep the smallest prefix of the sorted distribution whose mass reaches top_p
         probs, order = probs.sort(dim=-1, descending=True)
         probs[(probs.cumsum(-1) - probs) >= top_p] = 0
-    # Inverse CDF: one uniform per row and a binary search of the running sum. torch.multinomial took 0.85 s for
-    # 64 rows of 151,936 here, this 0.1 s. u > 0, so a token of zero mass (past the nucleus, an exp that underflowed)
-    # is never drawn: the search stops at the first token whose running sum reaches u.
+    # Inverse CDF: one uniform per row and a binary search of the running sum, much faster than torch.multinomial
+    # over a 150k vocabulary. u > 0, so a token of zero mass (past the nucleus, an exp that underflowed) is never
+    # drawn: the search stops at the first token whose running sum reaches u.
     cdf = probs.cumsum(-1)  # (B, V)
     u = (1 - torch.rand(len(cdf), 1, generator=generator, device=cdf.device)) * cdf[:, -1:]  # in (0, total]
     token = torch.searchsorted(cdf, u).squeeze(-1)
@@ -36,67 +36,53 @@ def left_pad(prompts, pad_id, device=None):
     return ids, mask
 
 
-def share_prefill(cache: KVCache, n: int):
-    """Each of the cache's rows becomes n consecutive rows (row i -> rows i*n .. i*n+n-1): the n samples of a
-    prompt share one prefill instead of computing it n times."""
-    # keep gathers the rows before it writes them, so repeating them in place is safe
-    cache.keep(torch.arange(cache.batch, device=cache.mask.device).repeat_interleave(n))
-
-
 def stop_tokens(tokenizer) -> list[int]:
     """What ends a row by default: the assistant's <|im_end|>, or <|endoftext|>."""
     return [tokenizer.im_end_id, tokenizer.pad_id]
 
 
 def stopped(ids: list[int], tokenizer) -> bool:
-    """Whether a row generated with keep_stop ended on a default stop token (else it was cut at the length)."""
+    """Whether a generated row ended on a default stop token (else it was cut at the length)."""
     return bool(ids) and ids[-1] in stop_tokens(tokenizer)
 
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
-             num_samples=1, keep_stop=False, generator=None, calculator=False, forced=None):
+             num_samples=1, generator=None, calculator=False) -> tuple[list[list[int]], list[list[bool]]]:
     """Continue each prompt (a list of token ids) `num_samples` times until a stop token or max_new_tokens.
-    Returns the new ids of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1); a row that sampled
-    a stop token ends with it when keep_stop, so a row shorter than max_new_tokens, or ending in a stop token,
-    stopped, and any other was cut at the length. Finished rows leave the batch: no work is spent on them.
-    With `calculator`, a row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens, forced
-    in place of its samples while the batch decodes on; a list passed as `forced` receives each row's positions
-    of those tokens (they are the tool's, not the model's: RL does not train on them). A model with stages.py's
-    verification adapter has it on for a row from the token that completes the row's VERIFY tag."""
-    param = model.model.embed_tokens.weight
-    stop = torch.tensor(stop_ids or stop_tokens(tokenizer), device=param.device)
-    ids, pad_mask = left_pad(prompts, tokenizer.pad_id, param.device)
-    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens, param.dtype,
-                    param.device)
+
+    Returns the new tokens of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1), ending with
+    the stop token when the row stopped, and for each token whether the model sampled it. With `calculator`, a
+    row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens in place of its samples, while
+    the batch decodes on: those are marked not sampled (RL does not train on them). Finished rows leave the batch,
+    and a prompt's samples share its prefill. `on_token(row, token)` sees every new token but the stop."""
+    device = model.lm_head.weight.device
+    stop = torch.tensor(stop_ids or stop_tokens(tokenizer), device=device)
+    ids, pad_mask = left_pad(prompts, tokenizer.pad_id, device)
+    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens,
+                    model.model.embed_tokens.weight.dtype, device)
     cache.batch = len(prompts)
-    verify = getattr(model, "verify", None)
-    if verify:
-        verify.start(ids)
-    x = model.hidden(ids, pad_mask, cache)[:, -1]  # (P, D)
-    if num_samples > 1:
-        share_prefill(cache, num_samples)
+    x = model(ids, pad_mask, cache)[:, -1]  # (P, D)
+    if num_samples > 1:  # row i becomes rows i*n .. i*n+n-1 (keep gathers before it writes: safe in place)
+        cache.keep(torch.arange(cache.batch, device=device).repeat_interleave(num_samples))
         x = x.repeat_interleave(num_samples, 0)  # (P * n, D)
     rows = list(range(cache.batch))  # the output row of each live row
-    out, queued = [[] for _ in rows], [[] for _ in rows]  # queued: what the calculator will write for each row
-    if forced is not None:
-        forced[:] = [[] for _ in rows]
+    tokens, sampled = [[] for _ in rows], [[] for _ in rows]
+    queued = [[] for _ in rows]  # what the calculator will still write in each row
     for step in range(max_new_tokens):
         token = sample(model.lm_head(x).float(), temperature, top_p, generator)  # (b,)
-        forcing = [bool(queued[r]) for r in rows]
-        if any(forcing):  # the tool's next token replaces the row's sample; the batch stays one batch
-            token = torch.tensor([queued[r].pop(0) if f else t for r, t, f in zip(rows, token.tolist(), forcing)],
-                                 device=token.device)
+        by_tool = [bool(queued[r]) for r in rows]
+        if any(by_tool):  # the tool's next token replaces the row's sample; the batch stays one batch
+            token = torch.tensor([queued[r].pop(0) if f else t for r, t, f in zip(rows, token.tolist(), by_tool)],
+                                 device=device)
         done = torch.isin(token, stop)
-        for r, t, d, f in zip(rows, token.tolist(), done.tolist(), forcing):  # one host sync per step
-            if f and forced is not None:
-                forced[r].append(len(out[r]))
-            if not d or keep_stop:
-                out[r].append(t)
+        for r, t, d, f in zip(rows, token.tolist(), done.tolist(), by_tool):  # one host sync per step
+            tokens[r].append(t)
+            sampled[r].append(not f)
             if on_token and not d:
                 on_token(r, t)
             if calculator and not d and tokenizer.decode([t]).endswith("=") and (
-                    written := tool_output(tokenizer.decode(out[r]))):
+                    written := tool_output(tokenizer.decode(tokens[r]))):
                 queued[r] = tokenizer.encode(written)
         if done.all() or step == max_new_tokens - 1:
             break
@@ -105,7 +91,5 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
             rows = [rows[i] for i in live.tolist()]
             cache.keep(live)
             token = token[live]
-        if verify:
-            verify.follow(tokenizer, out, rows, token.device)
-        x = model.hidden(token[:, None], None, cache)[:, -1]
-    return out
+        x = model(token[:, None], None, cache)[:, -1]
+    return tokens, sampled

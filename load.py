@@ -1,23 +1,20 @@
 """Loading a model the way every script does: the model flags (--model --adapter --quantize --dtype --device),
-the precision they resolve to, the Qwen2 base in 16 bit or NF4, and a LoRA adapter on it.
+the precision they resolve to, a local folder or hub download, the Qwen2 base in 16 bit or NF4, a LoRA adapter on it.
 
     model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", "outputs/lora_adapter", "nf4", torch.bfloat16, "cuda")
 """
 import argparse
-import hashlib
 import json
-import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
+import cpu
 import lora
-import stages
-from quant import dequantize_for_inference, footprint_gb, quantize_block
-from tinyreason import Qwen2, pack_for_inference, resolve_checkpoint
+from quant import footprint_gb, quantize_block
+from tinyreason import Qwen2
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -55,57 +52,45 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[dtype]
 
 
-def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", pack=False) -> Qwen2:
-    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded, with
-    pack (CPU inference) its weights are packed for oneDNN then (tinyreason.pack_for_inference): one weight's copy
-    at a time, not the lm_head's on top of the whole model."""
+def resolve_checkpoint(path_or_repo) -> Path:
+    """A local checkpoint folder as it is, or a hub repo id ("Qwen/Qwen2.5-1.5B-Instruct") downloaded once."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no config.json, this is not a Hugging Face checkpoint folder")
+        return path
+    # A hub id is "owner/name"; a string whose first folder exists here ("outputs/mdl", "./x", "/x", "~/x") is a path.
+    if str(path_or_repo).count("/") != 1 or Path(str(path_or_repo).split("/")[0]).expanduser().exists():
+        raise FileNotFoundError(f"{path_or_repo}: no such model folder (nor a hub repo id like 'Qwen/Qwen2.5-1.5B-Instruct')")
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(str(path_or_repo), allow_patterns=[
+            "config.json", "model*.safetensors*", "tokenizer.json", "tokenizer_config.json"]))
+    except Exception as e:
+        raise OSError(f"could not download {path_or_repo} from the Hugging Face hub ({type(e).__name__}: {e}). "
+                      f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
+
+
+def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4") -> Qwen2:
+    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
-    on_block = quantize_block if quantize == "nf4" else pack_for_inference if pack else None
-    model = Qwen2.from_pretrained(path_or_repo, dtype, device, on_block=on_block)
+    model = Qwen2.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device,
+                                  on_block=quantize_block if quantize == "nf4" else None)
     print(f"loaded {path_or_repo}: {footprint_gb(model):.2f} GB of weights ({quantize} quantization, {dtype})",
           file=sys.stderr)  # stdout stays for the scripts' answers
     return model
 
 
-def nf4_inference_base(path: Path, dtype) -> Qwen2:
-    """The NF4 base for inference on a CPU, its weights dequantized once (quant.dequantize_for_inference). The
-    result is kept as a 16-bit checkpoint folder under $TINYREASON_CACHE (default ~/.cache/tinyreason), so later
-    runs load it as fast as the 16-bit model: bitsandbytes quantizes a CPU's weights in plain PyTorch, 10 s of the
-    0.5B's 12 s NF4 load here (README)."""
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.glob("*.safetensors"))]
-    key = hashlib.sha256(json.dumps([str(path.resolve()), dtype_name(dtype), files]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TINYREASON_CACHE", "~/.cache/tinyreason")).expanduser()
-    cache = cache / f"{path.name}-nf4-{dtype_name(dtype)}-{key}"
-    if (cache / "model.safetensors").is_file():
-        return load_base(cache, dtype, "cpu", quantize="none", pack=True)
-    model = dequantize_for_inference(load_base(path, dtype, "cpu", quantize="nf4"))
-    try:
-        from safetensors.torch import save_file
-        part = cache.with_name(cache.name + ".part")
-        part.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path / "config.json", part)
-        save_file({name: p.contiguous() for name, p in model.named_parameters()}, part / "model.safetensors")
-        part.replace(cache)  # whole or not at all: an interrupted write leaves only the .part folder
-    except OSError as e:  # a full or read-only disk costs the next run its speed, not this run its answer
-        warnings.warn(f"could not cache the dequantized NF4 weights in {cache}: {e}")
-    return model
-
-
 def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenizer]:
-    """Base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base alone), and the
-    verification adapter in its verify/ subfolder when there is one (stages.py). For inference: on a CPU the NF4
-    weights are dequantized once, the same numbers without the per-step dequantization, and cached, and every
-    frozen weight is packed for oneDNN (tinyreason.pack_for_inference)."""
+    """For inference: the base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base
+    alone) in the model's dtype. On a CPU, cpu.for_inference then dequantizes NF4 once and packs the weights."""
     path = resolve_checkpoint(model)
-    cpu = torch.device(device).type == "cpu"
-    net = nf4_inference_base(path, dtype) if quantize == "nf4" and cpu else load_base(path, dtype, device, quantize, cpu)
+    net = load_base(path, dtype, device, quantize)
     if adapter is not None:
-        lora.load_adapter(net, adapter)
-        if (Path(adapter) / "verify").is_dir():
-            stages.load_verify(net, Path(adapter) / "verify")
-    if cpu:  # what loading did not pack: a tied lm_head, the first dequantization of an NF4 base
-        pack_for_inference(net)
+        lora.load_adapter(net, adapter, dtype)
+    if torch.device(device).type == "cpu":
+        cpu.for_inference(net)
     return net.eval(), Tokenizer.from_pretrained(path)
 
 

@@ -227,7 +227,7 @@ class StopAtStepBoundary:
 
 
 def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, evaluate=None, *, score: str,
-        maximize: bool = False, shown: tuple[str, ...] = ()) -> dict:
+        maximize: bool = False, shown: tuple[str, ...] = (), save_adapter=lora.save_adapter) -> dict:
     """The loop of `script` from state["step"] (the checkpoint's with --resume) to cfg.max_steps; returns `state`,
     updated in place. After each step: its figures to metrics.jsonl, an evaluation every eval_steps, a checkpoint
     every save_steps (both also at the end), and a stop when Ctrl-C asked for one. At the end the checkpoint with
@@ -237,13 +237,13 @@ def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, eva
     evaluate() returns the held-out figures and a log line; None: no held-out data.
     state holds the loop's position, saved with every checkpoint: "step", what the script keeps there (its data
     position), and a dict for each figure to keep step by step (score's among them), e.g. {"loss": {1: 2.3}}.
-    shown: the figures on the progress bar.
+    shown: the figures on the progress bar. save_adapter(model, folder, base): writes a checkpoint's adapter.
     """
     log(json.dumps(asdict(cfg), indent=2))  # the resolved config, as experiment_config.json records it
     if cfg.resume:
         state.update(checkpoint.load_training_state(Path(cfg.resume), optimizer, scaler))
         log(f"resumed from {cfg.resume} at step {state['step']}")
-    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize)
+    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize, save_adapter)
     metrics = Metrics(cfg, state["step"])
 
     def record(figures: dict):

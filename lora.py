@@ -15,41 +15,37 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import dequantize
-from tinyreason import PROJECTIONS, Linear, Qwen2, resolve_checkpoint
+from quant import dequantize, replace_linears
+from tinyreason import PROJECTIONS, Qwen2
 
 TARGETS = PROJECTIONS  # all seven projections of every block
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
         super().__init__()
         self.base, self.r, self.alpha, self.scaling = base, r, alpha, alpha / r
         self.dropout = nn.Dropout(dropout)
-        # fp32 whatever the base dtype: 16-bit weights lose small updates, and fp16 grads can't be unscaled.
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device)
+        # fp32 to train whatever the base dtype: 16-bit weights lose small updates, and fp16 grads can't be unscaled.
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)  # as PEFT
         nn.init.zeros_(self.lora_B.weight)
 
-    def forward(self, x):  # x: (..., in)
-        y = self.base(x)  # (..., out)
-        h = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))  # (..., r)
-        # y + scaling * h B^T as one addmm: no (..., out) temporaries, forward or backward.
-        B = self.lora_B.weight.t().to(y.dtype)  # (r, out)
-        return torch.addmm(y.flatten(0, -2), h.flatten(0, -2).to(y.dtype), B, alpha=self.scaling).view_as(y)
+    def forward(self, x):  # x: (..., in) -> (..., out)
+        # To train, A and B are fp32 and autocast runs the matmuls in the compute dtype; for inference, load.py
+        # loads them in the model's dtype.
+        return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
 
-def inject(model: nn.Module, targets=TARGETS, r=16, alpha=32, dropout=0.0) -> nn.Module:
-    """Wrap every module whose attribute name is in `targets` in a LoRALinear; freeze everything else."""
+def inject(model: nn.Module, targets=TARGETS, r=16, alpha=32, dropout=0.0, dtype=torch.float32) -> nn.Module:
+    """Wrap every linear layer whose attribute name is in `targets` in a LoRALinear; freeze everything else."""
     model.requires_grad_(False)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name in targets:
-                setattr(parent, name, LoRALinear(child, r, alpha, dropout))
-    if missing := set(targets) - {name.rsplit(".", 1)[-1] for name in lora_modules(model)}:
-        raise ValueError(f"target modules {sorted(missing)} not found in the model")
-    return model
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    if missing := sorted(set(targets) - names):
+        raise ValueError(f"target modules {missing} not found in the model (its projections: {PROJECTIONS})")
+    return replace_linears(model, lambda name, child: LoRALinear(child, r, alpha, dropout, dtype)
+                           if name in targets and isinstance(child, nn.Linear) else None)
 
 
 def trainable_report(model: nn.Module) -> str:
@@ -71,14 +67,11 @@ def lora_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, out_dir, base_model_name=None):
-    """adapter_model.safetensors (A, B as stored, fp32) + adapter_config.json, loadable by peft.PeftModel. A model
-    with stages.py's verification adapter also gets it in verify/, where PEFT puts a named adapter."""
+    """adapter_model.safetensors (A, B as stored, fp32) + adapter_config.json, loadable by peft.PeftModel."""
     modules = lora_modules(model)
     m = next(iter(modules.values()))
     write_adapter(out_dir, lora_state_dict(model), m.r, m.alpha, m.dropout.p,
                   sorted({name.rsplit(".", 1)[-1] for name in modules}), base_model_name)
-    if hasattr(model, "verify"):
-        model.verify.save(Path(out_dir) / "verify", base_model_name)
 
 
 def write_adapter(out_dir, tensors: dict, r, alpha, dropout, targets, base_model_name=None, **extra):
@@ -108,11 +101,12 @@ def read_adapter_config(adapter_dir) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
-    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), checking every tensor."""
+def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> nn.Module:
+    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), checking every tensor.
+    `dtype`: fp32 to train on, the model's own for inference."""
     from safetensors.torch import load_file
     config, weights = read_adapter_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
-    inject(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    inject(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), dtype)
     tensors, params = load_file(weights), lora_state_dict(model)
     with torch.no_grad():
         for key in sorted(set(tensors) | set(params)):
@@ -130,7 +124,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, m in lora_modules(model).items():
         w = dequantize(m.base)  # (out, in)
         delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, r) @ (r, in)
-        merged = Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
+        merged = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
         merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
         if m.base.bias is not None:
             merged.bias = nn.Parameter(m.base.bias.detach().to(w.dtype), requires_grad=False)
@@ -139,12 +133,12 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_merged(model_dir_or_repo, adapter_dir, out_dir, dtype=torch.bfloat16):
-    """Write base + adapter as one Hugging Face checkpoint folder (model.safetensors, config.json, tokenizer
-    files) that transformers, vLLM or llama.cpp's GGUF converter read like any Qwen2 checkpoint."""
+def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
+    """Write base (a checkpoint folder) + adapter as one Hugging Face checkpoint folder (model.safetensors,
+    config.json, tokenizer files) that transformers, vLLM or llama.cpp's GGUF converter read like any Qwen2's."""
     from safetensors.torch import save_file
     read_adapter_config(adapter_dir)  # a bad adapter fails before the base model is loaded
-    src, out = resolve_checkpoint(model_dir_or_repo), Path(out_dir)
+    src, out = Path(src), Path(out_dir)
     model = merge(load_adapter(Qwen2.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
     # named_parameters lists a tied lm_head once, as the embedding: HF's layout, which transformers re-ties.
     tensors = {k: v.detach().contiguous() for k, v in model.named_parameters()}
@@ -167,4 +161,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
-    export_merged(args.model, args.adapter, args.out, getattr(torch, args.dtype))
+    from load import resolve_checkpoint  # a hub id is downloaded once
+    export_merged(resolve_checkpoint(args.model), args.adapter, args.out, getattr(torch, args.dtype))

@@ -27,8 +27,8 @@ import grade
 import lora
 import loop
 from generate import generate, stopped
-from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_model_flags
-from tinyreason import resolve_checkpoint, token_logprobs
+from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
+from tinyreason import token_logprobs
 from tokenizer import Tokenizer
 
 # The algorithms of docs/rl.md. A preset fills the fields left unset (None); a flag given always wins.
@@ -173,9 +173,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg) -> tuple[torch.Tenso
 def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) -> dict:
     """ppo_epochs optimizer steps over the active completions of one rollout; returns the step's statistics."""
     lengths = [len(c) for c in batch["completions"]]
-    weights = [torch.full((n,), float(w)) for n, w in zip(lengths, batch["weight"])]
-    for w, positions in zip(weights, batch.get("forced", [[]] * len(lengths))):
-        w[positions] = 0  # the calculator wrote these: no action of the policy, so no target
+    # 0 on the tokens the calculator wrote: no action of the policy, so no target
+    weights = [torch.tensor(sampled, dtype=torch.float) * w for sampled, w in zip(batch["sampled"], batch["weight"])]
     stats = dict.fromkeys(("clip_low", "clip_high", "kl", "ratio"), 0.0)
     for _ in range(cfg.ppo_epochs):
         for i in range(0, len(lengths), cfg.micro_batch_size):
@@ -201,10 +200,9 @@ def completion_logprobs(model, prompts, completions, temperature, device):
     ends = starts + torch.tensor([len(c) for c in completions])[:, None]
     T = int(ends.max())
     ids = torch.tensor([p + c + [0] * (T - len(p) - len(c)) for p, c in zip(prompts, completions)], device=device)
-    mask = (torch.arange(T) < ends).to(device)
     t = torch.arange(T - 1)  # position t predicts token t + 1
     is_target = ((t >= starts - 1) & (t < ends - 1)).to(device)
-    hidden = model.hidden(ids, mask)[:, :-1][is_target]  # (Σ|o_i|, D)
+    hidden = model(ids)[:, :-1][is_target]  # (Σ|o_i|, D); right padding needs no mask
     return token_logprobs(model, hidden, ids[:, 1:][is_target], temperature)
 
 
@@ -236,10 +234,9 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in questions]
     model.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-    forced = []  # the positions the calculator wrote in each completion
-    completions = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
-                           num_samples=G, keep_stop=True, generator=generator, calculator=cfg.calculator,
-                           forced=forced)
+    with autocast:  # the policy the loss computes: fp32 LoRA, matmuls in the compute dtype
+        completions, sampled = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
+                                        num_samples=G, generator=generator, calculator=cfg.calculator)
     model.train()
     texts, ended = [tokenizer.decode(c) for c in completions], [stopped(c, tokenizer) for c in completions]
     r = compute_rewards(texts, completions, [data.gold_answer(q) for q in questions for _ in range(G)], ended, cfg)
@@ -252,10 +249,10 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
         active &= torch.tensor(ended)
     t_gen, t1 = time.time() - t0, time.time()
     keep = active.nonzero().squeeze(1).tolist()  # only what trains is forwarded again
-    targets = lengths - torch.tensor([len(f) for f in forced])  # the calculator's tokens are no targets
+    targets = torch.tensor([sum(s) for s in sampled])  # the calculator's tokens are no targets
     totals = loop.all_ranks_sum(len(keep), int(targets[active].sum()))  # the step's, over all processes
     batch = {"prompts": [prompts[i // G] for i in keep], "completions": [completions[i] for i in keep],
-             "forced": [forced[i] for i in keep], "adv": adv.flatten()[keep],
+             "sampled": [sampled[i] for i in keep], "adv": adv.flatten()[keep],
              "weight": token_weights(targets, active, cfg.loss_agg, cfg.max_new_tokens, totals)[keep]}
     batch["old"] = frozen_logprobs(model, batch, cfg, device, autocast) if keep and cfg.ppo_epochs > 1 else None
     batch["ref"] = frozen_logprobs(model, batch, cfg, device, autocast, ref_tensors) if keep and cfg.beta else None
@@ -271,15 +268,16 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, records, cfg, batch_size=16) -> tuple[dict, str]:
+def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=16) -> tuple[dict, str]:
     """Greedy accuracy and strict-format rate on held-out questions (the rewards' grader), and their log line."""
     model.eval()
     parts, records = [], records[loop.RANK::loop.WORLD]  # this process's share
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
         prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in chunk]
-        for q, c in zip(chunk, generate(model, tokenizer, prompts, cfg.max_new_tokens, keep_stop=True,
-                                        calculator=cfg.calculator)):
+        with autocast:
+            completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator)
+        for q, c in zip(chunk, completions):
             parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped(c, tokenizer)))
     model.train()
     correct, fmt, n = loop.all_ranks_sum(sum(p["correct"] for p in parts), sum(p["format"] for p in parts), len(parts))
@@ -316,7 +314,7 @@ def setup(cfg: RLConfig):
     else:
         lora.inject(model, lora.TARGETS, cfg.lora_r, cfg.lora_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
-    return model, Tokenizer.from_pretrained(cfg.model), train_q, eval_q, params, optimizer, device, dtype
+    return model, Tokenizer.from_pretrained(resolve_checkpoint(cfg.model)), train_q, eval_q, params, optimizer, device, dtype
 
 
 def main(argv=None) -> dict:
@@ -338,7 +336,7 @@ def main(argv=None) -> dict:
         line = f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in s.items())
         return s, line + (f"\nsample completion:\n{sample}\n" if (step + 1) % cfg.logging_steps == 0 else "")
 
-    evaluate = partial(held_out_accuracy, model, tokenizer, eval_q, cfg) if eval_q else None
+    evaluate = partial(held_out_accuracy, model, tokenizer, eval_q, cfg, autocast) if eval_q else None
     return loop.run(cfg, "rl.py", model, optimizer, scaler, state, train_step, evaluate, score="accuracy",
                     maximize=True, shown=("reward", "correct"))
 

@@ -27,7 +27,6 @@ cannot be verified and is skipped. The tags are plain text lines. A token's stag
 written up to and including it: generation can tell a stage has begun only once its tag line is complete, so
 training draws every line at the token where generation can.
 """
-import json
 import re
 from pathlib import Path
 
@@ -36,11 +35,11 @@ from torch import nn
 
 import lora
 from calculator import evaluate
-from grade import THOUSANDS_RE, statements, step_validity
+from data import IGNORE
+from grade import THOUSANDS_RE, statements
 
 STAGES = ("UNDERSTAND", "PLAN", "EXECUTE", "VERIFY")
 UNDERSTAND, PLAN, EXECUTE, VERIFY = range(4)
-NO_STAGE = -1  # prompt and padding
 TAGS = tuple(f"\n{s}\n" for s in STAGES)
 FIELDS = tuple(s.lower() for s in STAGES)  # a trajectory record's stage fields
 GATE_RULE = {"on_from_tag": TAGS[VERIFY]}  # in the verification adapter's config: eval.py and chat.py restore it
@@ -101,84 +100,92 @@ def token_stages(tokenizer, ids: list[int]) -> list[int]:
     return stages
 
 
+def weigh_by_stage(tokenizer, examples: list[dict], weights: list[float]) -> list[dict]:
+    """Each example with `weights`, its targets' loss weights: the weight of each token's stage (the answer after
+    </think> is in VERIFY's). train.py's loss is then Σ w·CE / Σ w."""
+    for ex in examples:
+        n_prompt = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE)
+        ex["weights"] = [0.0] * n_prompt + [weights[s] for s in token_stages(tokenizer, ex["input_ids"][n_prompt:])]
+    return examples
+
+
+def verifying(tokenizer, row: list[int], new: int) -> list[bool]:
+    """For each of the last `new` tokens of a row of ids: whether the text of the row's turn (since its last
+    <|im_start|>) holds the VERIFY tag up to and including that token. Training and generation both gate by it,
+    so the adapter is on at the same tokens in both: from the token that completes the tag line on."""
+    starts, start = [], 0  # where the turn of each token begins
+    for i, t in enumerate(row):
+        start = i if t == tokenizer.im_start_id else start
+        starts.append(start)
+    return [TAGS[VERIFY] in tokenizer.decode(row[starts[p]:p + 1]) for p in range(len(row) - new, len(row))]
+
+
+class VerifyLoRA(nn.Module):
+    """One projection's verification adapter: (alpha/r) B A x where the gate is on, 0 elsewhere (no output and no
+    gradient), added to its LoRALinear's output. B starts at zero: a fresh one changes nothing, as the first."""
+
+    def __init__(self, layer: lora.LoRALinear, gate: "VerifyGate"):
+        super().__init__()
+        self.gate, device, dtype = gate, layer.lora_A.weight.device, layer.lora_A.weight.dtype
+        self.A = nn.Linear(layer.base.in_features, gate.r, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(gate.r, layer.base.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)
+        nn.init.zeros_(self.B.weight)
+
+    def forward(self, x):  # (B, T, in) -> (B, T, out)
+        return self.B(self.A(x) * self.gate.on[..., None]) * (self.gate.alpha / self.gate.r)
+
+
 class VerifyGate:
-    """Where the verification adapter is on: one boolean per token of the forward about to run. Qwen2.hidden runs
-    the projections on (B, T, D), or on the real tokens alone, (N, D), for a padded batch on the CPU; `select`
-    follows whichever layout reaches the layer."""
+    """The verification adapter of a model: its layers, and where it is on for the forward about to run, set by a
+    forward pre-hook on the model from the tokens it is given (and those a KV cache holds)."""
 
-    def __init__(self, r: int, alpha: float):
-        self.r, self.alpha, self.layers = r, alpha, {}  # layers: LoRALinear name -> its VerifyLoRA
-        self.on = self.flat = None
-        self.verifying = set()  # generation: the output rows that have written the VERIFY tag
+    def __init__(self, model: nn.Module, tokenizer, r: int, alpha: float):
+        self.tokenizer, self.r, self.alpha, self.on = tokenizer, r, alpha, None
+        self.layers = {name: VerifyLoRA(layer, self) for name, layer in lora.lora_modules(model).items()}
+        for name, layer in lora.lora_modules(model).items():
+            layer.verify = self.layers[name]
+            layer.register_forward_hook(lambda m, args, y: y + m.verify(args[0]).to(y.dtype))
+        model.register_forward_pre_hook(self.set_gate, with_kwargs=True)
 
-    def set(self, on, attention_mask=None):
-        """on: (B, T) booleans; with the attention mask the forward gets, also their (N,) real-token layout."""
-        self.on, self.flat = on, None if attention_mask is None else on[attention_mask.bool()]
-
-    def select(self, x):  # x: (B, T, in) or (N, in) -> the gate as (B, T, 1) or (N, 1)
-        return (self.on if x.dim() == 3 else self.flat)[..., None].to(x.dtype)
-
-    def start(self, prompt_ids):
-        """Generation: off on the prompts, and no row verifies yet."""
-        self.verifying = set()
-        self.set(torch.zeros_like(prompt_ids, dtype=torch.bool))
-
-    def follow(self, tokenizer, out: list[list[int]], rows: list[int], device):
-        """Generation, after each step: a row verifies from the token that completes its VERIFY tag on."""
-        tag = TAGS[VERIFY]  # ASCII: at most len(tag) tokens hold it
-        self.verifying |= {r for r in rows if tag in tokenizer.decode(out[r][-len(tag):])}
-        self.set(torch.tensor([[r in self.verifying] for r in rows], device=device))
+    def set_gate(self, model, args, kwargs):
+        input_ids, cache = args[0], (args[2] if len(args) > 2 else kwargs.get("cache"))
+        B, T = input_ids.shape
+        rows = input_ids if cache is None else torch.cat([cache.ids[:B, :cache.len], input_ids], 1)
+        self.on = torch.tensor([verifying(self.tokenizer, row, T) for row in rows.tolist()], device=input_ids.device)
 
     def params(self) -> dict:
         """A and B under the names PEFT gives a LoRA adapter of these layers."""
         return {f"base_model.model.{name}.lora_{ab}.weight": getattr(m, ab).weight
                 for name, m in self.layers.items() for ab in "AB"}
 
-    def save(self, folder: Path, base_model_name=None):
-        """PEFT's layout for a named adapter (a subfolder), the gating rule in its config."""
-        targets = sorted({name.rsplit(".", 1)[-1] for name in self.layers})
-        lora.write_adapter(folder, self.params(), self.r, self.alpha, 0.0, targets, base_model_name,
-                           tinyreason_gate=GATE_RULE)
 
-
-class VerifyLoRA(nn.Module):
-    """One projection's verification adapter: (alpha/r) B A x where the gate is on, 0 elsewhere (no output and no
-    gradient), added to its LoRALinear's output. fp32, B at zero: a fresh one changes nothing, as the first."""
-
-    def __init__(self, layer: lora.LoRALinear, gate: VerifyGate):
-        super().__init__()
-        self.gate, device = gate, layer.lora_A.weight.device
-        self.A = nn.Linear(layer.base.in_features, gate.r, bias=False, device=device)
-        self.B = nn.Linear(gate.r, layer.base.out_features, bias=False, device=device)
-        nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)
-        nn.init.zeros_(self.B.weight)
-
-    def forward(self, x):
-        return self.B(self.A(x.to(self.A.weight.dtype)) * self.gate.select(x)) * (self.gate.alpha / self.gate.r)
-
-
-def add_verify(layer, args, y):  # the forward hook of a LoRALinear with a verification adapter
-    return y + layer.verify(args[0]).to(y.dtype)
-
-
-def add_verify_adapter(model: nn.Module, r: int = 16, alpha: float = 32) -> nn.Module:
-    """A second LoRA on every projection the first one wraps; model.verify is its gate (set by train.compute_loss,
-    generate.generate)."""
-    model.verify = VerifyGate(r, alpha)
-    for name, layer in lora.lora_modules(model).items():
-        layer.verify = model.verify.layers[name] = VerifyLoRA(layer, model.verify)
-        layer.register_forward_hook(add_verify)
+def add_verify_adapter(model: nn.Module, tokenizer, r: int = 16, alpha: float = 32) -> nn.Module:
+    """A second LoRA on every projection the first one wraps, on only from each row's VERIFY tag on (model.verify)."""
+    model.verify = VerifyGate(model, tokenizer, r, alpha)
     return model
 
 
-def load_verify(model: nn.Module, folder) -> nn.Module:
-    """The verification adapter saved by VerifyGate.save, on a model that has its first adapter."""
+def save_adapters(model: nn.Module, folder, base_model_name=None):
+    """The first adapter in `folder`, the verification adapter in verify/ (PEFT's layout for a named adapter), the
+    gating rule in its config."""
+    lora.save_adapter(model, folder, base_model_name)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in model.verify.layers})
+    lora.write_adapter(Path(folder) / "verify", model.verify.params(), model.verify.r, model.verify.alpha, 0.0,
+                       targets, base_model_name, tinyreason_gate=GATE_RULE)
+
+
+def load_verify(model: nn.Module, tokenizer, adapter_dir) -> nn.Module:
+    """The verification adapter that save_adapters wrote beside the first (already loaded), if there is one."""
     from safetensors.torch import load_file
+    folder = Path(adapter_dir) / "verify"
+    if not folder.is_dir():
+        return model
     config = lora.read_adapter_config(folder)
     if config.get("tinyreason_gate") != GATE_RULE:
         raise ValueError(f"{folder}: gating rule {config.get('tinyreason_gate')!r}, expected {GATE_RULE!r}")
-    params = add_verify_adapter(model, config["r"], config["lora_alpha"]).verify.params()
-    tensors = load_file(Path(folder) / "adapter_model.safetensors")
+    params = add_verify_adapter(model, tokenizer, config["r"], config["lora_alpha"]).verify.params()
+    tensors = load_file(folder / "adapter_model.safetensors")
     if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(p.shape) for k, p in params.items()}:
         raise ValueError(f"{folder}: its tensors do not match the projections of the first adapter")
     with torch.no_grad():
@@ -214,11 +221,9 @@ def checks(text: str) -> list[tuple[str, str, bool]]:
 
 
 def metrics(text: str) -> dict:
-    """eval.py's per-output figures: true and all `a op b = c` statements of the reasoning; whether it is UPEV; and
-    for UPEV, the plan carried out and the false EXECUTE statements, and whether VERIFY flagged one of them (stated
-    its operation with another result)."""
-    true, total = step_validity(text.split("</think>")[0])
-    row = {"steps": [true, total], "upev": (stages := parse(text)) is not None}
+    """eval.py's per-output figures for UPEV: whether the output is UPEV; if so, the plan carried out and the false
+    EXECUTE statements, and whether VERIFY flagged one of them (stated its operation with another result)."""
+    row = {"upev": (stages := parse(text)) is not None}
     if stages:
         false = [(e, c) for e, c, ok in checks(stages["execute"]) if not ok]
         rechecked = checks(stages["verify"])
@@ -236,8 +241,7 @@ def summary(rows: list[dict]) -> list[str]:
     upev = [r for r in rows if r["upev"]]
     wrong = [r for r in upev if r["execute_false"]]
     flagged = [r for r in wrong if r["flagged"]]
-    return [f"step validity: {ratio(sum(r['steps'][0] for r in rows), sum(r['steps'][1] for r in rows))}",
-            f"UPEV format: {ratio(len(upev), len(rows))}",
+    return [f"UPEV format: {ratio(len(upev), len(rows))}",
             f"plan faithfulness: {ratio(sum(r['plan'][0] for r in upev), sum(r['plan'][1] for r in upev))}",
             f"self-verification: {ratio(len(flagged), len(wrong))} of outputs with a false EXECUTE statement "
             f"flagged one in VERIFY; {ratio(sum(r['correct'] for r in flagged), len(flagged))} of those answered "

@@ -1,8 +1,8 @@
 """Qwen2's tokenizer (byte-level BPE from tokenizer.json, through the `tokenizers` library) and the ChatML
 chat format, written out by hand and tested token for token against Qwen2.5's own template."""
-from tokenizers import Tokenizer as HFTokenizer
+from pathlib import Path
 
-from tinyreason import resolve_checkpoint
+from tokenizers import Tokenizer as HFTokenizer
 
 
 class Tokenizer:
@@ -17,11 +17,10 @@ class Tokenizer:
         self.pad_id, self.im_start_id, self.im_end_id = ids.values()
 
     @classmethod
-    def from_pretrained(cls, path_or_repo):
-        folder = resolve_checkpoint(path_or_repo)
-        if not (folder / "tokenizer.json").exists():
+    def from_pretrained(cls, folder):
+        if not (Path(folder) / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json")
-        return cls(HFTokenizer.from_file(str(folder / "tokenizer.json")))
+        return cls(HFTokenizer.from_file(str(Path(folder) / "tokenizer.json")))
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids

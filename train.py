@@ -12,7 +12,6 @@ never stopped. The checkpoint with the lowest validation loss becomes --adapter_
 """
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -24,9 +23,9 @@ import lora
 import loop
 import stages
 from data import IGNORE, collate, load_splits, step_batches
-from load import dtype_name, load_base, resolve_precision
+from load import dtype_name, load_base, resolve_checkpoint, resolve_precision
 from loop import log
-from tinyreason import resolve_checkpoint, token_logprobs
+from tinyreason import token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
@@ -78,41 +77,37 @@ def stage_weights(cfg: TrainConfig) -> list[float]:
     return [float(w) for w in cfg.stage_weights.split(",")]
 
 
-def compute_loss(model, batch, weights=None) -> tuple[torch.Tensor, int]:
+def compute_loss(model, batch) -> tuple[torch.Tensor, float]:
     """Summed next-token cross-entropy over the target positions of `batch`, and their number. lm_head runs only
-    where the next token is a target (tinyreason.token_logprobs, the same path as RL's). With `weights` (one per
-    stage) each target's term is weighted by its stage: Σ w·CE and Σ w. A verification adapter is on from each
-    row's VERIFY tag on."""
+    where the next token is a target (tinyreason.token_logprobs, the same path as RL's). A batch with per-token
+    `weights` (stages.weigh_by_stage) gives Σ w·CE and Σ w instead."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     is_target = labels != IGNORE
-    if hasattr(model, "verify"):
-        model.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
-    hidden = model.hidden(batch["input_ids"], batch["attention_mask"])[:, :-1][is_target]  # (N, D)
+    hidden = model(batch["input_ids"])[:, :-1][is_target]  # (N, D); right padding needs no mask
     nll = -token_logprobs(model, hidden, labels[is_target])
-    if weights is None:
+    if "weights" not in batch:
         return nll.sum(), int(is_target.sum())
-    w = weights.to(nll.device)[batch["stages"][:, 1:][is_target]]
+    w = batch["weights"][:, 1:][is_target].to(nll.device)
     return (nll * w).sum(), float(w.sum())
 
 
-def count_targets(micro_batches, weights=None) -> float:
-    """The step's denominator: its target tokens, or with stage weights their summed weight."""
-    if weights is None:
-        return sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
-    return sum(float(weights[mb["stages"][:, 1:][mb["labels"][:, 1:] != IGNORE].cpu()].sum()) for mb in micro_batches)
+def count_targets(micro_batches) -> float:
+    """The step's denominator: its target tokens, or their summed weight."""
+    return sum(float(mb["weights"][:, 1:][mb["labels"][:, 1:] != IGNORE].sum()) if "weights" in mb else
+               int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches)
 
 
-def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None, weights=None) -> tuple[float, int]:
-    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count, or
-    summed stage weight (under torchrun the step spans every process: n_targets is then all of theirs). Returns
-    these micro-batches' part of the step's mean token loss, and the count."""
-    n_targets = n_targets or count_targets(micro_batches, weights)
+def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None) -> tuple[float, float]:
+    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count (or
+    summed weight; under torchrun the step spans every process: n_targets is then all of theirs). Returns these
+    micro-batches' part of the step's mean token loss, and the count."""
+    n_targets = n_targets or count_targets(micro_batches)
     if n_targets == 0:
         raise ValueError("a training step has no target tokens: every label is masked")
     total = 0.0
     for mb in micro_batches:
         with autocast:
-            loss_sum, _ = compute_loss(model, mb, weights)
+            loss_sum, _ = compute_loss(model, mb)
         scaler.scale(loss_sum / n_targets).backward()  # normalised by the whole step's targets
         total += loss_sum.item()
     return total / n_targets, n_targets
@@ -139,18 +134,20 @@ def setup(cfg: TrainConfig):
     the model with its adapter (the checkpoint's when resuming) and the optimizer."""
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    tokenizer = Tokenizer.from_pretrained(cfg.model)
+    tokenizer = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
     train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
-                                     cfg.seed, log, cfg.calculator, cfg.format == "upev")
+                                     cfg.seed, log, cfg.calculator, stages.upev_record if cfg.format == "upev" else None)
+    if cfg.stage_weights:
+        stages.weigh_by_stage(tokenizer, train_set, stage_weights(cfg))
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume:  # the checkpoint's own adapter (r, alpha, targets)
         lora.load_adapter(model, cfg.resume)
         if cfg.verify_adapter:
-            stages.load_verify(model, Path(cfg.resume) / "verify")
+            stages.load_verify(model, tokenizer, cfg.resume)
     else:
         lora.inject(model, cfg.target_modules, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         if cfg.verify_adapter:
-            stages.add_verify_adapter(model, cfg.verify_r, cfg.verify_alpha)
+            stages.add_verify_adapter(model, tokenizer, cfg.verify_r, cfg.verify_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
     return tokenizer, train_set, val_set, model, params, optimizer, device, dtype
 
@@ -163,7 +160,6 @@ def main(argv=None) -> dict:
     loop.seed_everything(cfg.seed)
     tokenizer, train_set, val_set, model, params, optimizer, device, dtype = setup(cfg)
     autocast, scaler = loop.amp(device, dtype)
-    weights = torch.tensor(stage_weights(cfg)) if cfg.stage_weights else None
     state = {"step": 0, "position": (0, 0), "loss": {}, "val_loss": {}}
     tokens, train_time, window = 0, 0.0, []
 
@@ -176,8 +172,8 @@ def main(argv=None) -> dict:
                                                         state["position"], tokenizer.pad_id)
         tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
-        n_targets = count_targets(micro_batches, weights)  # every process's micro-batches
-        loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets, weights)
+        n_targets = count_targets(micro_batches)  # every process's micro-batches
+        loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets)
         loss = loop.all_ranks_sum(loss)[0]
         grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
         if not np.isfinite(grad_norm):  # fp16 overflow: the scaler skipped the update
@@ -197,7 +193,8 @@ def main(argv=None) -> dict:
         return {"val_loss": val}, f"validation loss {val:.4f}"
 
     return loop.run(cfg, "train.py", model, optimizer, scaler, state, train_step, validate if val_set else None,
-                    score="val_loss", shown=("loss", "lr", "tok_s"))
+                    score="val_loss", shown=("loss", "lr", "tok_s"),
+                    save_adapter=stages.save_adapters if cfg.verify_adapter else lora.save_adapter)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))  # bench.py, plot.py
 GSM8K = ROOT / "tests" / "data" / "gsm8k_train_head300.jsonl"  # GSM8K train, MIT licence
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

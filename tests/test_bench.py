@@ -18,7 +18,7 @@ RL_KEYS = ("rl_step_s", "rl_new_tokens", "rl_gen_tok_s", "rl_update_tok_s", "rl_
 def test_rl_mode_runs_both_sides_on_the_same_prompts_and_reports_parseable_keys(tiny_checkpoint):
     pytest.importorskip("trl")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench.py"), "--model", str(tiny_checkpoint), "--data", str(GSM8K), "--steps", "0",
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(tiny_checkpoint), "--data", str(GSM8K), "--steps", "0",
          "--rounds", "0", "--rl_steps", "1", "--rl_prompts", "2", "--rl_group", "2", "--rl_tokens", "8",
          "--rl_micro_batch", "2", "--dtype", "fp32"],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -35,6 +35,7 @@ def test_rl_mode_runs_both_sides_on_the_same_prompts_and_reports_parseable_keys(
 
 
 def test_the_decoding_limit_reads_every_weight_but_the_embedding_rows(tiny_checkpoint, tiny_tied_checkpoint):
+    sys.path.insert(0, str(ROOT / "tools"))
     from bench import BenchConfig, hardware_limit
     from tinyreason import Qwen2
     for checkpoint in (tiny_checkpoint, tiny_tied_checkpoint):

@@ -66,33 +66,31 @@ def test_the_tool_writes_the_result_and_the_model_continues_after_it(tiny, monke
     model, tok = tiny
     prompt = prompts(tok, 1)
     scripted(monkeypatch, tok, ["<<2+3="])
-    forced = []
-    out = generate(model, tok, prompt, 20, stop_ids=[-1], calculator=True, forced=forced)[0]
+    [out], [sampled] = generate(model, tok, prompt, 20, stop_ids=[-1], calculator=True)
     call, result = tok.encode("<<2+3="), tok.encode("5>>")
     assert out[:len(call) + len(result)] == call + result
-    assert forced == [list(range(len(call), len(call) + len(result)))]
+    assert [i for i, s in enumerate(sampled) if not s] == list(range(len(call), len(call) + len(result)))
     monkeypatch.undo()  # the continuation is the model's own, as if it had read `<<2+3=5>>` in its prompt
-    rest = generate(model, tok, [prompt[0] + call + result], 20 - len(call) - len(result), stop_ids=[-1])[0]
+    rest = generate(model, tok, [prompt[0] + call + result], 20 - len(call) - len(result), stop_ids=[-1])[0][0]
     assert out[len(call) + len(result):] == rest
 
 
-def test_without_the_calculator_nothing_is_forced(tiny, monkeypatch):
+def test_without_the_calculator_the_model_samples_every_token(tiny, monkeypatch):
     model, tok = tiny
     scripted(monkeypatch, tok, ["<<2+3="])
-    forced = []
-    out = generate(model, tok, prompts(tok, 1), 12, stop_ids=[-1], forced=forced)[0]
-    assert tok.decode(out[:9]) != "<<2+3=5>>" and forced == [[]]
+    [out], [sampled] = generate(model, tok, prompts(tok, 1), 12, stop_ids=[-1])
+    assert tok.decode(out[:9]) != "<<2+3=5>>" and all(sampled) and len(sampled) == len(out)
 
 
 def test_rows_calling_the_tool_at_different_steps_each_get_their_own_result(tiny, monkeypatch):
     model, tok = tiny
     texts = ["<<2+3=", "so 7 = <<10/4=", "no call at all"]
     scripted(monkeypatch, tok, texts)
-    forced = []
-    batched = generate(model, tok, prompts(tok, 3), 24, stop_ids=[-1], calculator=True, forced=forced)
+    batched, sampled = generate(model, tok, prompts(tok, 3), 24, stop_ids=[-1], calculator=True)
+    forced = [[i for i, s in enumerate(row) if not s] for row in sampled]
     assert [tok.decode(row).startswith(t) for row, t in zip(batched, ["<<2+3=5>>", "so 7 = <<10/4=2.5>>"])] == [True] * 2
     assert [len(f) for f in forced] == [len(tok.encode("5>>")), len(tok.encode("2.5>>")), 0]
     assert forced[0][0] < forced[1][0]  # row 1 called later
     for i, text in enumerate(texts):  # each row as if it were alone
         scripted(monkeypatch, tok, [text])
-        assert generate(model, tok, [prompts(tok, 3)[i]], 24, stop_ids=[-1], calculator=True)[0] == batched[i]
+        assert generate(model, tok, [prompts(tok, 3)[i]], 24, stop_ids=[-1], calculator=True)[0][0] == batched[i]

@@ -60,7 +60,7 @@ def expected(tiny_checkpoint):
     """The greedy answer to QUESTION, generated here in-process."""
     model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     prompt = tok.apply_chat(data.prompt_messages(QUESTION, data.SYSTEM_PROMPT))
-    return tok.decode(generate(model, tok, [prompt], MAX_NEW)[0])
+    return tok.decode(generate(model, tok, [prompt], MAX_NEW)[0][0])
 
 
 def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):

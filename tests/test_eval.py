@@ -136,7 +136,7 @@ def run_eval(monkeypatch, capsys, *flags):
 
 
 def greedy(model, tokenizer, prompt, n=6):
-    return tokenizer.decode(generate(model, tokenizer, [prompt], n)[0])
+    return tokenizer.decode(generate(model, tokenizer, [prompt], n)[0][0])
 
 
 def test_eval_reports_and_writes_one_line_per_problem(tiny_checkpoint, gsm_file, tmp_path, monkeypatch, capsys):
@@ -158,7 +158,7 @@ def test_eval_reports_and_writes_one_line_per_problem(tiny_checkpoint, gsm_file,
 
 def test_markdown_report_gives_the_interval_lengths_and_wrong_answers_beside_the_gold():
     rows = [dict(question=f"Q{i} | how many?", gold=str(i), output=f"<think>\nx\n</think>\n\n**Final Answer:** {i + i % 2}",
-                 normalized=str(i + i % 2), correct=i % 2 == 0, compliant=True, tokens=10 * i) for i in range(1, 9)]
+                 normalized=str(i + i % 2), correct=i % 2 == 0, compliant=True, tokens=10 * i, stopped=i < 8) for i in range(1, 9)]
     report = ev.markdown_report(rows, "tiny", max_new_tokens=80)
     assert "accuracy: **0.500** (4/8), 95% Wilson interval [0.215, 0.785]" in report
     assert "median 50, 90th percentile 70, max 80; 1 of 8 cut at --max_new_tokens 80" in report
@@ -173,7 +173,8 @@ def test_a_right_answer_in_the_trained_format_is_scored_correct_end_to_end(tiny_
     path.write_text(json.dumps(natalia) + "\n")
     answer = "<think>\nx\n</think>\n\n**Final Answer:** 72"
     ids = Tokenizer.from_pretrained(tiny_checkpoint).encode(answer)
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **kw: [ids for _ in prompts])
+    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **kw: ([ids for _ in prompts],
+                                                                               [[True] * len(ids) for _ in prompts]))
     out = tmp_path / "preds.jsonl"
     lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", path,
                      "--limit", 0, "--out", out)

@@ -15,8 +15,8 @@ from conftest import ROOT
 
 import lora
 from load import load_base
-from quant import is_nf4
-from tinyreason import PROJECTIONS, Linear, Qwen2, QwenConfig
+from quant import NF4Linear
+from tinyreason import PROJECTIONS, Qwen2, QwenConfig
 
 
 def load(checkpoint, quantize="none"):
@@ -28,8 +28,10 @@ def tokens(model, seed=0):
 
 
 def logits(model, ids):
-    with torch.no_grad():
-        return model(ids)
+    """Under autocast in the base dtype, as training runs: fp32 A and B on a 16-bit base."""
+    dtype = model.lm_head.weight.dtype
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        return model.lm_head(model(ids))
 
 
 def with_trained_adapter(model, r=4, alpha=8, seed=0, **kw):
@@ -69,10 +71,20 @@ def test_inject_wraps_every_target_and_freezes_everything_else(tiny_checkpoint):
     assert len(trainable) == 2 * 7 * model.config.num_hidden_layers
 
 
-def test_lora_weights_stay_fp32_and_output_keeps_the_base_dtype(tiny_checkpoint):
+def test_lora_weights_train_in_fp32_and_autocast_keeps_the_base_dtype(tiny_checkpoint):
     model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
     layer = lora.inject(model, r=4, alpha=8).model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(torch.randn(2, 3, layer.base.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_an_adapter_loaded_for_inference_takes_the_model_dtype(tiny_checkpoint, tmp_path):
+    lora.save_adapter(with_trained_adapter(load(tiny_checkpoint)), tmp_path / "adapter")
+    model = lora.load_adapter(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16), tmp_path / "adapter",
+                              torch.bfloat16)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.bfloat16
     assert layer(torch.randn(2, 3, layer.base.in_features, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
@@ -102,11 +114,11 @@ def test_qwen25_1p5b_at_r16_trains_18_5m_parameters_not_1_3m():
 def test_one_optimizer_step_changes_only_a_and_b(tiny_checkpoint, quantize):
     model = with_trained_adapter(load(tiny_checkpoint, quantize)).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    scales = {n: m.weight.quant_state.absmax.clone() for n, m in model.named_modules() if is_nf4(m)}
+    scales = {n: m.weight.quant_state.absmax.clone() for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = tokens(model)
-    torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    torch.nn.functional.cross_entropy(model.lm_head(model(ids)).flatten(0, 1), ids.flatten()).backward()
     opt.step()
     for n, p in model.named_parameters():
         if n in frozen:
@@ -124,7 +136,7 @@ def test_gradient_checkpointing_gives_adapters_the_same_grads(tiny_checkpoint):
         model = with_trained_adapter(load(tiny_checkpoint)).train()
         model.gradient_checkpointing = checkpointing  # frozen base + checkpointing: peft #1142
         ids = tokens(model)
-        torch.nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+        torch.nn.functional.cross_entropy(model.lm_head(model(ids)).flatten(0, 1), ids.flatten()).backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert all(g is not None for g in grads[1].values())
     for n in grads[0]:
@@ -136,7 +148,7 @@ def test_merged_logits_equal_adapter_logits(tiny_checkpoint):
     ids = tokens(model)
     with_adapter = logits(model, ids)
     merged = lora.merge(model)
-    assert not lora.lora_modules(merged) and type(merged.model.layers[0].mlp.up_proj) is Linear
+    assert not lora.lora_modules(merged) and type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert not torch.equal(with_adapter, logits(load(tiny_checkpoint), ids))  # the adapter does change the output
     torch.testing.assert_close(logits(merged, ids), with_adapter, atol=1e-5, rtol=1e-5)
 
@@ -147,7 +159,7 @@ def test_merge_dequantizes_an_nf4_base_to_16_bit(tiny_checkpoint):
     ids = tokens(model)
     with_adapter = logits(model, ids).float()
     merged = lora.merge(model)
-    assert not any(is_nf4(m) for m in merged.modules())
+    assert not any(isinstance(m, NF4Linear) for m in merged.modules())
     assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     torch.testing.assert_close(logits(merged, ids).float(), with_adapter, atol=0.1, rtol=0.05)  # bf16 rounding
 

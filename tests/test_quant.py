@@ -2,16 +2,13 @@
 
     python -m pytest tests/test_quant.py -q
 """
-import os
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from load import load_base, load_model
-from quant import dequantize, dequantize_for_inference, footprint_gb, is_nf4, to_nf4
+from load import load_base
+from quant import NF4Linear, dequantize, footprint_gb, to_nf4
 from tinyreason import PROJECTIONS, Qwen2
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -81,7 +78,7 @@ def test_dequantize_of_a_plain_linear_is_its_weight():
 
 def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoint):
     model = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
-    quantized = {name for name, m in model.named_modules() if is_nf4(m)}
+    quantized = {name for name, m in model.named_modules() if isinstance(m, NF4Linear)}
     assert quantized == {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS}
     assert len(quantized) == 7 * model.config.num_hidden_layers
     for name, p in model.named_parameters():
@@ -94,52 +91,17 @@ def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
     nf4 = load_base(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="nf4")
     ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     for name, m in nf4.named_modules():
-        if is_nf4(m):
+        if isinstance(m, NF4Linear):
             ref.get_submodule(name).weight.data = dequantize(m)
     ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(nf4(ids), ref(ids), atol=1e-4, rtol=1e-4)
 
 
-def test_dequantizing_once_for_inference_gives_the_very_same_logits(tiny_checkpoint):
-    nf4 = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
-    ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = nf4(ids)
-        dense = dequantize_for_inference(nf4)
-        assert not any(is_nf4(m) for m in dense.modules())
-        assert torch.equal(dense(ids), before)
-
-
-def test_inference_on_a_cpu_dequantizes_nf4_once_and_later_loads_read_the_cache(tiny_tied_checkpoint, tmp_path,
-                                                                                 monkeypatch):
-    monkeypatch.setenv("TINYREASON_CACHE", str(tmp_path))
-    nf4 = load_base(tiny_tied_checkpoint, torch.bfloat16, "cpu", "nf4")  # what training uses: NF4 kept
-    ids = torch.randint(0, nf4.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    first, _ = load_model(tiny_tied_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
-    assert not any(is_nf4(m) for m in first.modules()) and any(is_nf4(m) for m in nf4.modules())
-    [cached] = tmp_path.iterdir()
-    monkeypatch.setattr("load.quantize_block", None)  # a second load must not quantize
-    second, _ = load_model(tiny_tied_checkpoint, None, "nf4", torch.bfloat16, torch.device("cpu"))
-    with torch.no_grad():
-        assert torch.equal(first(ids), nf4(ids)) and torch.equal(second(ids), nf4(ids))
-
-
-def test_the_nf4_cache_is_per_checkpoint_version_and_dtype(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("TINYREASON_CACHE", str(tmp_path))
-    ckpt = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, ckpt)
-    load_model(ckpt, None, "nf4", torch.bfloat16, torch.device("cpu"))
-    load_model(ckpt, None, "nf4", torch.float32, torch.device("cpu"))
-    os.utime(ckpt / "model.safetensors", ns=(0, 0))  # the checkpoint changed: quantized again
-    load_model(ckpt, None, "nf4", torch.bfloat16, torch.device("cpu"))
-    assert len([p for p in tmp_path.iterdir() if p.name.startswith("ckpt-nf4-")]) == 3
-
-
 def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
     bf16 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
     nf4 = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
-    n_quantized = sum(m.weight.quant_state.shape.numel() for m in nf4.modules() if is_nf4(m))
+    n_quantized = sum(m.weight.quant_state.shape.numel() for m in nf4.modules() if isinstance(m, NF4Linear))
     n_blocks, n_layers = n_quantized // 64, 7 * nf4.config.num_hidden_layers
     saved = (footprint_gb(bf16) - footprint_gb(nf4)) * 1e9  # bytes
     # 2 bytes -> 0.5 byte per weight, minus the statistics: at least one byte per block (8-bit absmax),

@@ -61,7 +61,7 @@ def lora_model(checkpoint, verify=False):
     torch.manual_seed(0)
     model = lora.inject(Qwen2.from_pretrained(checkpoint, dtype=torch.float32, device="cpu"), r=4, alpha=8)
     if verify:
-        stages.add_verify_adapter(model, r=2, alpha=4)
+        stages.add_verify_adapter(model, Tokenizer.from_pretrained(checkpoint), r=2, alpha=4)
     for name, p in model.named_parameters():
         if name.endswith(("lora_B.weight", "verify.B.weight")):
             torch.nn.init.normal_(p, std=0.1)
@@ -99,31 +99,53 @@ def test_a_ready_assistant_turn_is_kept():
     assert stages.upev_record(record) == record
 
 
-def test_stage_ids_cover_exactly_the_targets_and_each_stage_starts_at_the_token_completing_its_tag(tokenizer):
+def stage_ids(tokenizer, batch, examples):
+    """Each position's stage in a collated batch, -1 on the prompt and the padding."""
+    out = torch.full(batch["input_ids"].shape, -1)
+    for row, ex in enumerate(examples):
+        n = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE)
+        out[row, n:len(ex["input_ids"])] = torch.tensor(stages.token_stages(tokenizer, ex["input_ids"][n:]))
+    return out
+
+
+def test_each_stage_starts_at_the_token_completing_its_tag_and_the_end_counts_in_verify(tokenizer):
     ex = data.build_example(tokenizer, stages.upev_record(NATALIA))
-    assert [s == stages.NO_STAGE for s in ex["stages"]] == [label == IGNORE for label in ex["labels"]]
+    n = ex["labels"].index(ex["input_ids"][-len(tokenizer.encode(NATALIA_UPEV)) - 1])
+    ids = ex["input_ids"][n:]
+    assert tokenizer.decode(ids) == NATALIA_UPEV and ex["labels"][:n] == [IGNORE] * n
+    st = stages.token_stages(tokenizer, ids + [tokenizer.im_end_id])
     ends = [NATALIA_UPEV.index(tag) + len(tag) - 1 for tag in stages.TAGS[1:]]  # the tag line's "\n" is one token
     expected = [NATALIA_UPEV[a:b] for a, b in zip([0, *ends], [*ends, len(NATALIA_UPEV)])]
     for stage, text in enumerate(expected):
-        assert tokenizer.decode([t for t, s in zip(ex["input_ids"], ex["stages"]) if s == stage]) == text
-    assert ex["stages"][-1] == stages.VERIFY and ex["input_ids"][-1] == tokenizer.im_end_id  # the end counts too
+        assert tokenizer.decode([t for t, s in zip(ids, st) if s == stage]) == text
+    assert st[-1] == stages.VERIFY
+
+
+def test_stage_weights_weigh_each_target_by_its_stage_and_the_prompt_by_nothing(tokenizer):
+    [ex] = stages.weigh_by_stage(tokenizer, [data.build_example(tokenizer, stages.upev_record(NATALIA))],
+                                 [0.5, 1.0, 2.0, 4.0])
+    targets = [i for i, label in enumerate(ex["labels"]) if label != IGNORE]
+    st = stages.token_stages(tokenizer, ex["input_ids"][targets[0]:])
+    assert ex["weights"][:targets[0]] == [0.0] * targets[0]
+    assert ex["weights"][targets[0]:] == [[0.5, 1.0, 2.0, 4.0][s] for s in st] and set(st) == {0, 1, 2, 3}
 
 
 def test_a_plain_turn_is_one_stage(tokenizer):
     ex = data.build_example(tokenizer, NATALIA)
-    assert {s for s, label in zip(ex["stages"], ex["labels"]) if label != IGNORE} == {stages.UNDERSTAND}
+    n = next(i for i, label in enumerate(ex["labels"]) if label != IGNORE)
+    assert set(stages.token_stages(tokenizer, ex["input_ids"][n:])) == {stages.UNDERSTAND}
 
 
 def test_uniform_stage_weights_reproduce_plain_sft_exactly(tiny_checkpoint, upev_examples, tokenizer):
-    batches = [data.collate(upev_examples[:2], tokenizer.pad_id), data.collate(upev_examples[2:], tokenizer.pad_id)]
-    model = lora_model(tiny_checkpoint)
-    plain = train.accumulate_gradients(model, batches, nullcontext(), SCALER)
-    g_plain = grads(model, "lora_")
-    model.zero_grad()
-    weighted = train.accumulate_gradients(model, batches, nullcontext(), SCALER, weights=torch.ones(4))
-    assert weighted == plain
-    for name, g in grads(model, "lora_").items():
-        assert torch.equal(g, g_plain[name]), name
+    weighted_examples = stages.weigh_by_stage(tokenizer, [dict(ex) for ex in upev_examples], [1.0] * 4)
+    results = []
+    for examples in (upev_examples, weighted_examples):
+        model = lora_model(tiny_checkpoint)
+        batches = [data.collate(examples[:2], tokenizer.pad_id), data.collate(examples[2:], tokenizer.pad_id)]
+        results.append((train.accumulate_gradients(model, batches, nullcontext(), SCALER), grads(model, "lora_")))
+    assert results[0][0] == results[1][0]
+    for name, g in results[0][1].items():
+        assert torch.equal(g, results[1][1][name]), name
 
 
 def test_stage_weights_mix_the_per_stage_mean_gradients_by_weight_times_count(tiny_checkpoint, upev_examples,
@@ -131,16 +153,18 @@ def test_stage_weights_mix_the_per_stage_mean_gradients_by_weight_times_count(ti
     """With weights w the step's gradient is Σ_s w_s n_s g_s / Σ_s w_s n_s, g_s the mean gradient over the n_s
     targets of stage s: masking every other stage's labels gives g_s and n_s."""
     batch = data.collate(upev_examples, tokenizer.pad_id)
+    st = stage_ids(tokenizer, batch, upev_examples)
     model = lora_model(tiny_checkpoint)
     per_stage = []
     for s in range(4):
-        alone = {**batch, "labels": batch["labels"].masked_fill(batch["stages"] != s, IGNORE)}
+        alone = {**batch, "labels": batch["labels"].masked_fill(st != s, IGNORE)}
         model.zero_grad()
         _, n = train.accumulate_gradients(model, [alone], nullcontext(), SCALER)
         per_stage.append((n, grads(model, "lora_")))
-    w = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    w = [0.5, 1.0, 2.0, 4.0]
+    weighted = stages.weigh_by_stage(tokenizer, [dict(ex) for ex in upev_examples], w)
     model.zero_grad()
-    train.accumulate_gradients(model, [batch], nullcontext(), SCALER, weights=w)
+    train.accumulate_gradients(model, [data.collate(weighted, tokenizer.pad_id)], nullcontext(), SCALER)
     total = sum(w[s] * n for s, (n, _) in enumerate(per_stage))
     for name, g in grads(model, "lora_").items():
         expected = sum(w[s] * n * g_s[name] for s, (n, g_s) in enumerate(per_stage)) / total
@@ -155,10 +179,11 @@ def test_stage_weights_need_the_upev_format():
 
 def test_verify_adapter_gets_exactly_zero_gradient_from_tokens_before_verify(tiny_checkpoint, upev_examples,
                                                                             tokenizer):
-    batch = data.collate(upev_examples, tokenizer.pad_id)  # unequal lengths: the CPU runs the real tokens, (N, D)
-    assert not batch["attention_mask"].all()
+    batch = data.collate(upev_examples, tokenizer.pad_id)
+    assert not batch["attention_mask"].all()  # unequal lengths: padded rows
     model = lora_model(tiny_checkpoint, verify=True)
-    before = {**batch, "labels": batch["labels"].masked_fill(batch["stages"] == stages.VERIFY, IGNORE)}
+    st = stage_ids(tokenizer, batch, upev_examples)
+    before = {**batch, "labels": batch["labels"].masked_fill(st == stages.VERIFY, IGNORE)}
     train.accumulate_gradients(model, [before], nullcontext(), SCALER)
     assert all((g == 0).all() for g in grads(model, "verify.").values())
     assert all(g.abs().sum() > 0 for g in grads(model, "lora_").values())
@@ -167,17 +192,17 @@ def test_verify_adapter_gets_exactly_zero_gradient_from_tokens_before_verify(tin
     assert all(g.abs().sum() > 0 for g in grads(model, "verify.").values())
 
 
-def test_verify_adapter_changes_the_output_exactly_where_the_gate_is_on(tiny_checkpoint, upev_examples, tokenizer):
+def test_verify_adapter_changes_the_output_exactly_from_the_verify_tag_on(tiny_checkpoint, upev_examples, tokenizer):
     batch = data.collate(upev_examples, tokenizer.pad_id)
     model = lora_model(tiny_checkpoint, verify=True).eval()
-    model.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
     with torch.no_grad():
-        gated = model.hidden(batch["input_ids"], batch["attention_mask"])
+        gated = model(batch["input_ids"])
         for m in model.verify.layers.values():
             m.B.weight.zero_()
-        plain = model.hidden(batch["input_ids"], batch["attention_mask"])
+        plain = model(batch["input_ids"])
     changed = (gated - plain).abs().amax(-1) > 1e-6  # (B, T)
-    assert torch.equal(changed, (batch["stages"] == stages.VERIFY))
+    real = batch["attention_mask"].bool()
+    assert torch.equal(changed[real], (stage_ids(tokenizer, batch, upev_examples) == stages.VERIFY)[real])
 
 
 def test_generation_turns_the_gate_on_per_row_at_the_token_that_completes_its_verify_tag(tiny_checkpoint, tokenizer,
@@ -185,10 +210,10 @@ def test_generation_turns_the_gate_on_per_row_at_the_token_that_completes_its_ve
     model = lora_model(tiny_checkpoint, verify=True).eval()
     scripts = [tokenizer.encode(text) for text in ("ab\nVERIFY\n1 2 3 4 5 6 7 8", "abc de fg hi\nVERIFY\n1 2 3 4")]
     n = min(map(len, scripts))
-    gates, hidden = [], model.hidden  # the gate of each forward: the prompts', then each new token's
-    monkeypatch.setattr(model, "hidden", lambda *a: gates.append(model.verify.on.clone()) or hidden(*a))
+    gates = []  # the gate of each forward: the prompts', then each new token's
+    model.register_forward_hook(lambda m, args, y: gates.append(model.verify.on.clone()))
     monkeypatch.setattr(gen, "sample", lambda *a: torch.tensor([s[len(gates) - 1] for s in scripts]))  # the script
-    out = gen.generate(model, tokenizer, [[1, 2, 3], [4, 5]], n)
+    out, _ = gen.generate(model, tokenizer, [[1, 2, 3], [4, 5]], n)
     assert out == [s[:n] for s in scripts] and not gates[0].any()
     on = [[bool(g[row, 0]) for g in gates[1:]] for row in range(2)]
     for row, ids in enumerate(out):  # as in training, but the last token, which no forward reads
@@ -198,22 +223,20 @@ def test_generation_turns_the_gate_on_per_row_at_the_token_that_completes_its_ve
 
 def test_both_adapters_save_side_by_side_and_load_back(tiny_checkpoint, tmp_path, upev_examples, tokenizer):
     model = lora_model(tiny_checkpoint, verify=True).eval()
-    lora.save_adapter(model, tmp_path, "tiny")
+    stages.save_adapters(model, tmp_path, "tiny")
     config = json.loads((tmp_path / "verify" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["tinyreason_gate"]) == (2, 4, stages.GATE_RULE)
     from safetensors.torch import load_file
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == set(lora.lora_state_dict(model))
     loaded, _ = load_model(tiny_checkpoint, tmp_path, "none", torch.float32, "cpu")
+    stages.load_verify(loaded, tokenizer, tmp_path)
     batch = data.collate(upev_examples, tokenizer.pad_id)
-    outputs = []
-    for m in (model, loaded):
-        m.verify.set(batch["stages"] == stages.VERIFY, batch["attention_mask"])
-        with torch.no_grad():
-            outputs.append(m.hidden(batch["input_ids"], batch["attention_mask"]))
-    torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch["input_ids"]), loaded(batch["input_ids"]), rtol=0, atol=1e-6)
 
 
-def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapters(tiny_checkpoint, tmp_path):
+def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapters(tiny_checkpoint, tmp_path,
+                                                                                   tokenizer):
     path = tmp_path / "gsm8k.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(16)))
     train.main(["--model", str(tiny_checkpoint), "--data", str(path), "--output_dir", str(tmp_path / "out"),
@@ -222,6 +245,7 @@ def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapter
                 "--quantize", "none", "--format", "upev", "--stage_weights", "1,1,2,2", "--verify_adapter",
                 "--verify_r", "2"])
     model, _ = load_model(tiny_checkpoint, tmp_path / "adapter", "none", torch.float32, "cpu")
+    stages.load_verify(model, tokenizer, tmp_path / "adapter")
     assert model.verify.r == 2 and any(m.B.weight.abs().sum() > 0 for m in model.verify.layers.values())
 
 
@@ -230,9 +254,8 @@ UPEV_OUTPUT = ("<think>\nUNDERSTAND\nAsked: How many?\nGiven: 48\nPLAN\n1. 48/2\
                "**Final Answer:** {answer}")
 
 
-def test_step_validity_counts_true_statements_of_the_reasoning_only():
-    row = stages.metrics("<think>\n2+2 = 4\n3*3 = 10\n</think>\n\n**Final Answer:** 5 + 5 = 10")
-    assert row["steps"] == [1, 2] and not row["upev"]
+def test_a_plain_output_is_not_upev():
+    assert stages.metrics("<think>\n2+2 = 4\n</think>\n\n**Final Answer:** 4") == {"upev": False}
 
 
 def test_plan_faithfulness_counts_the_planned_operations_execute_carries_out():
@@ -252,7 +275,7 @@ def test_summary_reports_flagged_outputs_and_how_many_of_those_were_answered_cor
             [("48/2 = 24", "72", True), ("48/2 = 24", "73", False), ("48/2 = 25", "73", False)]]
     rows.append(stages.metrics("<think>\n1+1 = 2\n</think>\n\n**Final Answer:** 2") | {"correct": True})
     assert stages.summary(rows) == [
-        "step validity: 0.6000 (6/10)", "UPEV format: 0.7500 (3/4)", "plan faithfulness: 0.6667 (6/9)",
+        "UPEV format: 0.7500 (3/4)", "plan faithfulness: 0.6667 (6/9)",
         "self-verification: 0.6667 (2/3) of outputs with a false EXECUTE statement flagged one in VERIFY; "
         "0.5000 (1/2) of those answered correctly"]
 
@@ -261,13 +284,13 @@ def test_peft_loads_the_first_adapter_as_our_gate_off_and_both_as_our_gate_on_ev
     from peft import PeftModel
     from transformers import Qwen2ForCausalLM
     model = lora_model(tiny_checkpoint, verify=True).eval()
-    lora.save_adapter(model, tmp_path, str(tiny_checkpoint))
+    stages.save_adapters(model, tmp_path, str(tiny_checkpoint))
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
 
     def ours(gate):
-        model.verify.set(torch.full(ids.shape, gate))
-        with torch.no_grad():
-            return model(ids)
+        with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+            mp.setattr(stages, "verifying", lambda tokenizer, row, new: [gate] * new)
+            return model.lm_head(model(ids))
     peft = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(tiny_checkpoint).float(), tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(peft(ids).logits, ours(False), rtol=1e-4, atol=1e-5)

@@ -1,7 +1,8 @@
 """Benchmark TinyReason against its peers, transformers + PEFT + bitsandbytes (+ TRL for RL), on one machine in one run.
 
-    python bench.py --model /path/to/qwen2-folder --data path/to/gsm8k/train.jsonl
-    python bench.py --model ... --data ... --steps 0 --rounds 0 --rl_steps 2      # RL only: one GRPO step each side
+    python tools/bench.py --model /path/to/qwen2-folder --data path/to/gsm8k/train.jsonl
+    python tools/bench.py --model ... --data ... --steps 0 --rounds 0 --rl_steps 2   # RL only: one GRPO step each side
+    python tools/bench.py --model ... --data ... --baseline ../old-checkout      # this code against another version
 
 Both sides get the same checkpoint, the same GSM8K sequences and the same recipe: QLoRA training (NF4 base with
 double quantization, r=16 on all seven projections, the same compute dtype, AdamW) and batched greedy generation from the
@@ -27,10 +28,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from pathlib import Path
+
 import torch
 
-from load import resolve_precision
-from loop import peak_memory_gb
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the TinyReason checkout this file belongs to
+from load import resolve_precision  # noqa: E402
+from loop import peak_memory_gb  # noqa: E402
 
 
 @dataclass
@@ -52,6 +56,7 @@ class BenchConfig:
     rl_tokens: int = 128  # at most, per completion
     rl_temperature: float = 1.0
     rl_micro_batch: int = 8  # completions per forward/backward of the update (rl.py's default); divides prompts x group
+    baseline: str = ""  # another TinyReason checkout: its own side stands in for the peer (an A/B of two versions)
 
 
 def training_batches(cfg, tokenizer):
@@ -70,9 +75,10 @@ def gen_prompts(cfg, tokenizer):
 def adamw_steps(model, loss_of, cfg, device, dtype):
     """A function that runs one AdamW step on training batch i and returns its real tokens; the two sides differ
     only in `loss_of(batch)`, the mean loss over the batch's target tokens."""
+    from load import resolve_checkpoint
     from tokenizer import Tokenizer
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
-    batches = training_batches(cfg, Tokenizer.from_pretrained(cfg.model))
+    batches = training_batches(cfg, Tokenizer.from_pretrained(resolve_checkpoint(cfg.model)))
 
     def step(i):
         batch = {k: v.to(device) for k, v in batches[i].items()}
@@ -100,7 +106,8 @@ def train_ours(cfg, device, dtype):
 def peer_qlora(cfg, device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from tinyreason import PROJECTIONS, resolve_checkpoint
+    from load import resolve_checkpoint
+    from tinyreason import PROJECTIONS
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
@@ -114,20 +121,21 @@ def train_peer(cfg, device, dtype):
 
 
 def gen_ours(cfg, device, dtype):
-    from generate import generate
+    from generate import generate, stopped
     from load import load_model
     model, tok = load_model(cfg.model, None, "none", dtype, device)  # as eval.py and chat.py load it
     prompts = gen_prompts(cfg, tok)
-    return lambda i: {"tokens": sum(map(len, generate(model, tok, prompts, cfg.gen_tokens if i else 2)))}
+    return lambda i: {"tokens": sum(len(row) - stopped(row, tok)  # up to the stops, as the peer's count
+                                    for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2)[0])}
 
 
 def gen_peer(cfg, device, dtype):
     from transformers import AutoModelForCausalLM
     from generate import left_pad
-    from tinyreason import resolve_checkpoint
+    from load import resolve_checkpoint
     from tokenizer import Tokenizer
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
-    tok = Tokenizer.from_pretrained(cfg.model)
+    tok = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
     ids, mask = left_pad(gen_prompts(cfg, tok), tok.pad_id, device)
     T = ids.shape[1]
     stop = (tok.im_end_id, tok.pad_id)
@@ -244,7 +252,8 @@ def hardware_limit(cfg, device, dtype) -> dict:
     """How fast a batch-`gen_batch` greedy decoding step could go here: it reads every weight but the embedding rows
     once (bytes / the read bandwidth measured now) and does 2 FLOPs per weight per row (/ the GEMM throughput
     measured now, square matrices in the compute dtype). The KV cache and activations are left out: small here."""
-    from tinyreason import Qwen2, QwenConfig, resolve_checkpoint
+    from load import resolve_checkpoint
+    from tinyreason import Qwen2, QwenConfig
     config = QwenConfig.from_json(resolve_checkpoint(cfg.model) / "config.json")
     with torch.device("meta"):
         model = Qwen2(config)
@@ -293,7 +302,14 @@ def lockstep(names, cfg, n_items):
     each side in turn: a slow spell of a shared machine hits both alike. Item 0 warms up and is not counted.
     Returns {name: each figure summed over the timed items, peak_gb the highest}."""
     cmd = [sys.executable, __file__, "--cfg", json.dumps(asdict(cfg)), "--worker"]
-    procs = {name: subprocess.Popen(cmd + [name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if cfg.baseline:  # the other checkout's bench.py runs its own side in place of the peer's
+        other = next(p for p in (Path(cfg.baseline) / "tools/bench.py", Path(cfg.baseline) / "bench.py") if p.exists())
+        config = json.dumps({k: v for k, v in asdict(cfg).items() if k != "baseline"})
+        commands = {name: [sys.executable, str(other), "--cfg", config, "--worker", name.replace("_peer", "_ours")]
+                    if name.endswith("_peer") else cmd + [name] for name in names}
+    else:
+        commands = {name: cmd + [name] for name in names}
+    procs = {name: subprocess.Popen(commands[name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
              for name in names}
     totals = {name: {} for name in names}
     for i in range(n_items):

@@ -1,7 +1,7 @@
 """Curves of a run from its metrics.jsonl, as a PNG a person would rather look at than read.
 
-    python plot.py outputs/metrics.jsonl                 # -> outputs/metrics.png
-    python plot.py outputs/rl/metrics.jsonl --out rl.png
+    python tools/plot.py outputs/metrics.jsonl                 # -> outputs/metrics.png
+    python tools/plot.py outputs/rl/metrics.jsonl --out rl.png
 
 SFT runs (train.py): training and validation loss, the learning rate on a second axis. RL runs (rl.py): reward and
 its parts, held-out accuracy, completion length, and the fraction of zero-std groups. Needs matplotlib.
