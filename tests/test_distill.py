@@ -57,10 +57,11 @@ def stub_teacher(monkeypatch):
     """The teacher answers every question with RIGHT, LONGER, a wrong answer and an unfinished one."""
     calls = []
 
-    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, keep_stop, generator):
+    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator):
         calls.append(len(prompts))
         texts = [RIGHT, LONGER, RIGHT.replace("72", "9"), RIGHT]
-        return [tok.encode(t) + ([tok.im_end_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
+        rows = [tok.encode(t) + ([tok.im_end_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
+        return rows, [[True] * len(r) for r in rows]
     monkeypatch.setattr(distill, "generate", generate)
     return calls
 

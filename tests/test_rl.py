@@ -158,7 +158,7 @@ def test_completion_logprobs_equal_log_softmax_of_full_logits(model_and_tok, mon
     ours = rl.completion_logprobs(model, prompts, completions, temperature, "cpu")
     expected = []
     for p, c in zip(prompts, completions):  # each row alone, unpadded, full-vocabulary logits
-        logits = model(torch.tensor([p + c]))[0, len(p) - 1:-1] / temperature
+        logits = model.lm_head(model(torch.tensor([p + c])))[0, len(p) - 1:-1] / temperature
         expected.append(F.log_softmax(logits, -1).gather(1, torch.tensor(c)[:, None]).squeeze(1))
     torch.testing.assert_close(ours, torch.cat(expected), rtol=1e-5, atol=1e-5)
     assert len(ours) == sum(map(len, completions))  # the stop token is a target; nothing after it is
@@ -178,6 +178,10 @@ def update(model, batch, cfg, monkeypatch):
     return grads, stats
 
 
+def sampled_everywhere(completions):
+    return [[True] * len(c) for c in completions]
+
+
 def tiny_cfg(**kw):
     return rl.RLConfig(**{**dict(temperature=1.0, eps_high=0.2, beta=0.0, ppo_epochs=1, micro_batch_size=8), **kw})
 
@@ -186,8 +190,8 @@ def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(mo
     model, tok = model_and_tok
     prompts, completions = rows(tok)
     adv, w = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3])
-    ours, stats = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w), tiny_cfg(),
-                         monkeypatch)
+    ours, stats = update(model, dict(prompts=prompts, completions=completions, sampled=sampled_everywhere(completions),
+                                     adv=adv, weight=w), tiny_cfg(), monkeypatch)
     model.zero_grad()
     lengths = torch.tensor([len(c) for c in completions])
     logp = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu")
@@ -201,8 +205,10 @@ def test_one_epoch_gradient_is_the_advantage_weighted_log_likelihood_gradient(mo
 def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok, monkeypatch):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
-    adv, w, forced = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3]), [[1, 2], [], [0]]
-    ours, _ = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w, forced=forced),
+    adv, w = torch.tensor([1.0, -0.5, 0.25]), torch.tensor([0.1, 0.2, 0.3])
+    sampled = sampled_everywhere(completions)
+    sampled[0][1] = sampled[0][2] = sampled[2][0] = False  # the tool wrote these
+    ours, _ = update(model, dict(prompts=prompts, completions=completions, adv=adv, weight=w, sampled=sampled),
                      tiny_cfg(), monkeypatch)
     model.zero_grad()
     logp = rl.completion_logprobs(model, prompts, completions, 1.0, "cpu").split([len(c) for c in completions])
@@ -216,7 +222,8 @@ def test_tokens_the_calculator_wrote_are_no_targets(model_and_tok, monkeypatch):
 def test_micro_batches_of_one_give_the_gradient_of_one_batch(model_and_tok, monkeypatch):
     model, tok = model_and_tok
     prompts, completions = rows(tok)
-    batch = dict(prompts=prompts, completions=completions, adv=torch.tensor([1.0, -0.5, 0.25]),
+    batch = dict(prompts=prompts, completions=completions, sampled=sampled_everywhere(completions),
+                 adv=torch.tensor([1.0, -0.5, 0.25]),
                  weight=rl.token_weights(torch.tensor([len(c) for c in completions]), torch.ones(3, dtype=torch.bool),
                                          "seq", 16))
     one, _ = update(model, batch, tiny_cfg(micro_batch_size=3), monkeypatch)
@@ -249,17 +256,17 @@ def test_the_reference_pass_runs_the_starting_adapter_and_leaves_the_current_one
 def test_samples_of_a_prompt_share_its_prefill_and_match_generating_it_alone(model_and_tok):
     model, tok = model_and_tok
     prompts, _ = rows(tok, 2)
-    shared = generate(model.eval(), tok, prompts, 6, num_samples=3)
-    alone = generate(model, tok, [p for p in prompts for _ in range(3)], 6)
+    shared = generate(model.eval(), tok, prompts, 6, num_samples=3)[0]
+    alone = generate(model, tok, [p for p in prompts for _ in range(3)], 6)[0]
     model.train()
     assert shared == alone
 
 
-def test_seeded_sampling_repeats_and_keep_stop_ends_stopped_rows_with_their_stop_token(model_and_tok):
+def test_seeded_sampling_repeats_and_stopped_rows_end_with_their_stop_token(model_and_tok):
     model, tok = model_and_tok
     prompts, _ = rows(tok, 2)
-    runs = [generate(model.eval(), tok, prompts, 40, temperature=1.0, num_samples=4, keep_stop=True,
-                     stop_ids=[tok.im_end_id, tok.encode("e")[0]], generator=torch.Generator().manual_seed(7))
+    runs = [generate(model.eval(), tok, prompts, 40, temperature=1.0, num_samples=4,
+                     stop_ids=[tok.im_end_id, tok.encode("e")[0]], generator=torch.Generator().manual_seed(7))[0]
             for _ in range(2)]
     model.train()
     assert runs[0] == runs[1]
