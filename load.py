@@ -40,8 +40,8 @@ def resolve_precision(device="auto", dtype="auto") -> tuple[torch.device, torch.
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
     if dtype not in (None, "auto"):
         if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
-            warnings.warn("--dtype bf16 on a CPU without bf16 instructions is emulated: on an AVX2 CPU one QLoRA step "
-                          "of the 0.5B model took 299 s against about 8 s in fp32. --dtype auto picks fp32 there.")
+            warnings.warn("--dtype bf16 on a CPU without bf16 instructions is emulated, many times slower than "
+                          "fp32 (docs/cpu.md); --dtype auto picks fp32 there.")
         return device, DTYPES[dtype]
     if device.type == "cuda":
         return device, torch.bfloat16 if gpu_has_bf16(device) else torch.float16

@@ -4,7 +4,7 @@
     └───> dropout ──> A (r, in) ──> B (out, r) ──> * alpha / r ─────── (+) ──> y
 
 A starts Kaiming-uniform and B at zero, so a fresh adapter changes nothing. Only A and B train, in fp32:
-r * (d_in + d_out) numbers per wrapped layer (18,464,768 = 1.18% for Qwen2.5-1.5B, r=16, all 7 projections).
+r * (d_in + d_out) numbers per wrapped layer.
 
     python lora.py merge --model Qwen/Qwen2.5-1.5B-Instruct --adapter out/adapter --out out/merged
 """
@@ -121,16 +121,15 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> nn.Modul
 def merge(model: nn.Module) -> nn.Module:
     """Replace each LoRALinear by a plain Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is
     dequantized to its 16-bit dtype first: 4-bit levels cannot hold the sum, so the merged layer is 16-bit."""
-    for name, m in lora_modules(model).items():
+    def merged(name, m):
+        if not isinstance(m, LoRALinear):
+            return None
         w = dequantize(m.base)  # (out, in)
         delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, r) @ (r, in)
-        merged = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
-        merged.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
-        if m.base.bias is not None:
-            merged.bias = nn.Parameter(m.base.bias.detach().to(w.dtype), requires_grad=False)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, merged)
-    return model
+        layer = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
+        layer.weight, layer.bias = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False), m.base.bias
+        return layer
+    return replace_linears(model, merged)
 
 
 def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):

@@ -1,16 +1,8 @@
-"""NF4 (4-bit NormalFloat) storage for the frozen base weights, as in QLoRA (Dettmers et al., 2023).
-
-Each of the 7 projections of every block becomes an `NF4Linear`: with bitsandbytes' kernels, the weight is split into
-blocks of 64 values, each block stores one absmax scale and 64 4-bit indices into the 16 NF4 levels (quantiles of a
-normal distribution, which is how trained weights are spread). Double quantization then stores the absmax scales
-themselves in 8 bits. Each matmul dequantizes the weight back to 16 bit, in forward and again in backward
-(`FrozenNF4Matmul`), so only one layer's 16-bit weight exists at a time: that is QLoRA's memory saving.
-
-    W (out, in) bf16  ->  packed uint8 (out*in/2, 1)  +  absmax (out*in/64,) uint8  +  small fp32 tables
-
-Embeddings, norms and lm_head stay 16-bit. `load.load_base(..., quantize="nf4")` runs `quantize_block` on each block
-as soon as it is loaded, so the whole model never sits in memory in 16 bit. bitsandbytes is imported inside the
-functions, so code that never quantizes does not need it.
+"""NF4 (4-bit NormalFloat) storage for the frozen base weights, as in QLoRA (Dettmers et al., 2023), through
+bitsandbytes: each weight is split into blocks of 64 values, each block stores an absmax scale and 64 4-bit indices
+into the 16 NF4 levels (the quantiles of a normal distribution, as trained weights are spread); double quantization
+stores the scales in 8 bits. A matmul dequantizes the weight to 16 bit, in forward and again in backward, so one
+layer's 16-bit weight exists at a time: QLoRA's memory saving. Embeddings, norms and lm_head stay 16-bit.
 """
 import torch
 import torch.nn.functional as F
@@ -63,7 +55,7 @@ def to_nf4(linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) ->
 
 
 def replace_linears(model: nn.Module, replace):
-    """Each child module for which replace(name, child) returns a module, in place, by that module."""
+    """In place, each child module for which replace(name, child) returns a module, by that module."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if (new := replace(name, child)) is not None:

@@ -1,6 +1,6 @@
 """Step-aware reasoning (the NanoReason recipe): the think block in four tagged stages, a loss weighted by stage
-(train.py --stage_weights), a second LoRA that is on only while the model verifies (--verify_adapter), and the
-metrics that make the recipe's claims checkable (eval.py).
+(train.py --stage_weights), a second LoRA on only while the model verifies (--verify_adapter), and the metrics that
+make the recipe's claims checkable (eval.py). docs/step-aware.md has a whole example.
 
     <think>
     UNDERSTAND
@@ -20,12 +20,9 @@ metrics that make the recipe's claims checkable (eval.py).
 
     **Final Answer:** 72
 
-A GSM8K record becomes this without a teacher: the question's last question sentence and its numbers, the
-solution's `<<a op b=c>>` annotations as the plan, its lines as the execution, each annotation recomputed by the
-calculator. A record without annotations, with one that does not recompute, or whose answer no step computed
-cannot be verified and is skipped. The tags are plain text lines. A token's stage is that of the last tag line
-written up to and including it: generation can tell a stage has begun only once its tag line is complete, so
-training draws every line at the token where generation can.
+A GSM8K record becomes this without a teacher, from its `<<a op b=c>>` annotations, each recomputed by the
+calculator; a record that cannot be verified is skipped. A token's stage is that of the last tag line written up
+to and including it: generation can tell a stage has begun only once its tag line is complete.
 """
 import re
 from pathlib import Path
@@ -120,32 +117,22 @@ def verifying(tokenizer, row: list[int], new: int) -> list[bool]:
     return [TAGS[VERIFY] in tokenizer.decode(row[starts[p]:p + 1]) for p in range(len(row) - new, len(row))]
 
 
-class VerifyLoRA(nn.Module):
-    """One projection's verification adapter: (alpha/r) B A x where the gate is on, 0 elsewhere (no output and no
-    gradient), added to its LoRALinear's output. B starts at zero: a fresh one changes nothing, as the first."""
-
-    def __init__(self, layer: lora.LoRALinear, gate: "VerifyGate"):
-        super().__init__()
-        self.gate, device, dtype = gate, layer.lora_A.weight.device, layer.lora_A.weight.dtype
-        self.A = nn.Linear(layer.base.in_features, gate.r, bias=False, device=device, dtype=dtype)
-        self.B = nn.Linear(gate.r, layer.base.out_features, bias=False, device=device, dtype=dtype)
-        nn.init.kaiming_uniform_(self.A.weight, a=5 ** 0.5)
-        nn.init.zeros_(self.B.weight)
-
-    def forward(self, x):  # (B, T, in) -> (B, T, out)
-        return self.B(self.A(x) * self.gate.on[..., None]) * (self.gate.alpha / self.gate.r)
-
-
 class VerifyGate:
-    """The verification adapter of a model: its layers, and where it is on for the forward about to run, set by a
-    forward pre-hook on the model from the tokens it is given (and those a KV cache holds)."""
+    """The verification adapter: on every projection the first adapter wraps, a second pair verify_A, verify_B adds
+    (alpha/r) B A x where the gate is on, nothing elsewhere (no output, no gradient). A forward pre-hook on the model
+    sets the gate from the tokens it is given and those its KV cache holds, the same rule in training and generation.
+    B starts at zero: a fresh adapter changes nothing."""
 
     def __init__(self, model: nn.Module, tokenizer, r: int, alpha: float):
         self.tokenizer, self.r, self.alpha, self.on = tokenizer, r, alpha, None
-        self.layers = {name: VerifyLoRA(layer, self) for name, layer in lora.lora_modules(model).items()}
-        for name, layer in lora.lora_modules(model).items():
-            layer.verify = self.layers[name]
-            layer.register_forward_hook(lambda m, args, y: y + m.verify(args[0]).to(y.dtype))
+        self.layers = lora.lora_modules(model)
+        for layer in self.layers.values():
+            kw = dict(bias=False, device=layer.lora_A.weight.device, dtype=layer.lora_A.weight.dtype)
+            layer.verify_A = nn.Linear(layer.base.in_features, r, **kw)
+            layer.verify_B = nn.Linear(r, layer.base.out_features, **kw)
+            nn.init.kaiming_uniform_(layer.verify_A.weight, a=5 ** 0.5)
+            nn.init.zeros_(layer.verify_B.weight)
+            layer.register_forward_hook(self.add)
         model.register_forward_pre_hook(self.set_gate, with_kwargs=True)
 
     def set_gate(self, model, args, kwargs):
@@ -154,21 +141,23 @@ class VerifyGate:
         rows = input_ids if cache is None else torch.cat([cache.ids[:B, :cache.len], input_ids], 1)
         self.on = torch.tensor([verifying(self.tokenizer, row, T) for row in rows.tolist()], device=input_ids.device)
 
+    def add(self, layer, args, y):  # the forward hook of each wrapped layer: (B, T, out)
+        return y + (self.alpha / self.r) * self.on[..., None] * layer.verify_B(layer.verify_A(args[0]))
+
     def params(self) -> dict:
-        """A and B under the names PEFT gives a LoRA adapter of these layers."""
-        return {f"base_model.model.{name}.lora_{ab}.weight": getattr(m, ab).weight
+        """verify_A and verify_B under the names PEFT gives a LoRA adapter of these layers."""
+        return {f"base_model.model.{name}.lora_{ab}.weight": getattr(m, f"verify_{ab}").weight
                 for name, m in self.layers.items() for ab in "AB"}
 
 
 def add_verify_adapter(model: nn.Module, tokenizer, r: int = 16, alpha: float = 32) -> nn.Module:
-    """A second LoRA on every projection the first one wraps, on only from each row's VERIFY tag on (model.verify)."""
     model.verify = VerifyGate(model, tokenizer, r, alpha)
     return model
 
 
 def save_adapters(model: nn.Module, folder, base_model_name=None):
-    """The first adapter in `folder`, the verification adapter in verify/ (PEFT's layout for a named adapter), the
-    gating rule in its config."""
+    """The first adapter in `folder`, the verification adapter in verify/ (PEFT's layout for a named adapter) with
+    the gating rule in its config."""
     lora.save_adapter(model, folder, base_model_name)
     targets = sorted({name.rsplit(".", 1)[-1] for name in model.verify.layers})
     lora.write_adapter(Path(folder) / "verify", model.verify.params(), model.verify.r, model.verify.alpha, 0.0,

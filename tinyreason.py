@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOGPROB_CHUNK = 512  # positions per lm_head call in token_logprobs: bounds its (chunk, vocab) fp32 logits
@@ -49,10 +50,11 @@ class QwenConfig:
         scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # "type" in older configs
         head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-        unsupported = ([f"rope scaling {rope_type!r}"] if rope_type != "default" else []) + \
-            (["use_sliding_window: true"] if raw.get("use_sliding_window") else []) + \
-            ([f"head_dim {head_dim} != hidden_size / num_attention_heads"]
-             if head_dim * raw["num_attention_heads"] != raw["hidden_size"] else [])
+        unsupported = [text for text, refused in [
+            (f"rope scaling {rope_type!r}", rope_type != "default"),
+            ("use_sliding_window: true", raw.get("use_sliding_window")),
+            (f"head_dim {head_dim} != hidden_size / num_attention_heads",
+             head_dim * raw["num_attention_heads"] != raw["hidden_size"])] if refused]
         if unsupported:
             raise ValueError(f"{path}: {'; '.join(unsupported)} is not supported by TinyReason's Qwen2")
         return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
@@ -84,9 +86,9 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation: (L, B, n_kv, max_len, hd), with the
-    token id and a real-token flag of every slot. Rows are left-padded, so all write at the same index. Rows that
-    finish are dropped by `keep`, which moves the live rows to the front in place."""
+    """Keys and values of every layer, preallocated for the whole generation: (L, B, n_kv, max_len, hd), and each
+    slot's token id and real-token flag. Left-padded rows all write at the same index; `keep` moves the rows still
+    generating to the front, in place."""
 
     def __init__(self, config, batch, max_len, dtype, device):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
@@ -222,7 +224,6 @@ class Qwen2(nn.Module):
             if missing or unexpected:
                 raise ValueError(f"{folder}: tensors do not match a Qwen2 model of its config.json: "
                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-            from tqdm import tqdm
             # The lm_head, the largest tensor, first: a copy on_block makes of it exists while little else is loaded.
             for name in tqdm(sorted(expected, key=lambda n: n != "lm_head.weight"), desc="loading", leave=False):
                 module_name, leaf = name.rsplit(".", 1)

@@ -63,7 +63,7 @@ def lora_model(checkpoint, verify=False):
     if verify:
         stages.add_verify_adapter(model, Tokenizer.from_pretrained(checkpoint), r=2, alpha=4)
     for name, p in model.named_parameters():
-        if name.endswith(("lora_B.weight", "verify.B.weight")):
+        if name.endswith(("lora_B.weight", "verify_B.weight")):
             torch.nn.init.normal_(p, std=0.1)
     return model.train()
 
@@ -185,11 +185,11 @@ def test_verify_adapter_gets_exactly_zero_gradient_from_tokens_before_verify(tin
     st = stage_ids(tokenizer, batch, upev_examples)
     before = {**batch, "labels": batch["labels"].masked_fill(st == stages.VERIFY, IGNORE)}
     train.accumulate_gradients(model, [before], nullcontext(), SCALER)
-    assert all((g == 0).all() for g in grads(model, "verify.").values())
+    assert all((g == 0).all() for g in grads(model, "verify_").values())
     assert all(g.abs().sum() > 0 for g in grads(model, "lora_").values())
     model.zero_grad()
     train.accumulate_gradients(model, [batch], nullcontext(), SCALER)
-    assert all(g.abs().sum() > 0 for g in grads(model, "verify.").values())
+    assert all(g.abs().sum() > 0 for g in grads(model, "verify_").values())
 
 
 def test_verify_adapter_changes_the_output_exactly_from_the_verify_tag_on(tiny_checkpoint, upev_examples, tokenizer):
@@ -198,7 +198,7 @@ def test_verify_adapter_changes_the_output_exactly_from_the_verify_tag_on(tiny_c
     with torch.no_grad():
         gated = model(batch["input_ids"])
         for m in model.verify.layers.values():
-            m.B.weight.zero_()
+            m.verify_B.weight.zero_()
         plain = model(batch["input_ids"])
     changed = (gated - plain).abs().amax(-1) > 1e-6  # (B, T)
     real = batch["attention_mask"].bool()
@@ -246,7 +246,7 @@ def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapter
                 "--verify_r", "2"])
     model, _ = load_model(tiny_checkpoint, tmp_path / "adapter", "none", torch.float32, "cpu")
     stages.load_verify(model, tokenizer, tmp_path / "adapter")
-    assert model.verify.r == 2 and any(m.B.weight.abs().sum() > 0 for m in model.verify.layers.values())
+    assert model.verify.r == 2 and any(m.verify_B.weight.abs().sum() > 0 for m in model.verify.layers.values())
 
 
 UPEV_OUTPUT = ("<think>\nUNDERSTAND\nAsked: How many?\nGiven: 48\nPLAN\n1. 48/2\n2. 48 + 24\n3. 72 x 2\n"
