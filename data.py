@@ -1,20 +1,11 @@
-"""GSM8K as chain-of-thought chat examples: records -> formatted turns -> token ids with
-completion-only labels -> length-grouped, right-padded batches.
-
-Each solution becomes one assistant turn (ChatML, Qwen2.5's template):
+"""GSM8K as chat examples: records -> formatted turns -> token ids with completion-only labels -> length-grouped,
+right-padded batches. A solution becomes one assistant turn, the only target (docs/training.md):
 
     <think>
-    Natalia sold 48/2 = 24 clips in May.
-    Natalia sold 48+24 = 72 clips altogether in April and May.
+    Natalia sold 48/2 = 24 clips in May. ...
     </think>
 
     **Final Answer:** 72<|im_end|>
-
-The `<<48/2=24>>` calculator annotations are removed and the `#### 72` line becomes the answer
-(commas dropped: "1,080" -> "1080", the official GSM8K normalization). Only this turn and its
-closing <|im_end|> are targets; the system turn, the user turn and the assistant header are not.
-With the calculator (calculator.py) the annotations stay as tool calls, `48/2 = <<48/2=24>>24`: the
-model writes `<<48/2=`, and the `24>>` the tool writes at generation is no target either.
 """
 import json
 import random
@@ -42,7 +33,7 @@ def is_local(source: str) -> bool:
 
 
 def load_records(source: str, split: str = "train") -> list[dict]:
-    """Question/answer records from a local .jsonl/.json/.parquet file or a hub dataset (config "main")."""
+    """Question/answer records from the hub (config "main") or a .jsonl/.json/.parquet file, errors naming the line."""
     if not is_local(source):
         try:
             import datasets
@@ -54,34 +45,26 @@ def load_records(source: str, split: str = "train") -> list[dict]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    if path.suffix in (".jsonl", ".json"):
-        records = read_json_records(path)
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-        records = pq.read_table(path).to_pylist()
-    else:
-        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
-    if not any({"question", "answer"} <= r.keys() for r in records):
-        raise ValueError(f"{path}: no records with both 'question' and 'answer' fields "
-                         f"(expected a list of {{'question': ..., 'answer': ...}} objects)")
-    return records
-
-
-def read_json_records(path: Path) -> list[dict]:
-    """The objects of a .jsonl file (one per line) or a .json file (a list); a problem names the file and the line
-    (.jsonl) or the record (.json)."""
     if path.suffix == ".jsonl":
         with open(path) as f:
             numbered = [(f"line {n}", parse_json(line, path, n)) for n, line in enumerate(f, 1) if line.strip()]
-    else:
+    elif path.suffix == ".json":
         records = parse_json(path.read_text(), path)
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {json.dumps(records)[:60]}")
         numbered = [(f"record {i}", r) for i, r in enumerate(records)]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+        numbered = [(f"record {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    else:
+        raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
     for where, record in numbered:
         if not isinstance(record, dict):
             raise ValueError(f"{path}, {where}: expected an object with 'question' and 'answer', "
                              f"got {json.dumps(record)[:60]}")
+    if not any({"question", "answer"} <= r.keys() for _, r in numbered):
+        raise ValueError(f"{path}: no records with both 'question' and 'answer' fields "
+                         f"(expected a list of {{'question': ..., 'answer': ...}} objects)")
     return [record for _, record in numbered]
 
 
@@ -94,21 +77,15 @@ def parse_json(text: str, path: Path, line: int = 1):
 
 
 def split_solution(answer: str, calculator: bool = False) -> tuple[str, str] | None:
-    """GSM8K solution -> (steps, numeric answer), or None if malformed. The steps lose their annotations, or
-    with `calculator` keep them as tool calls."""
-    if "####" not in answer:
-        return None
-    steps, final = answer.rsplit("####", 1)
+    """GSM8K solution -> (steps, answer), or None if malformed; annotations go (or stay as calls), commas go."""
+    steps, delimiter, final = answer.rpartition("####")
     steps = ANNOTATION.sub(tool_call if calculator else "", steps).strip()
     final = final.strip().replace(",", "")
-    if not steps or not NUMBER.fullmatch(final):
-        return None
-    return steps, final
+    return (steps, final) if delimiter and steps and NUMBER.fullmatch(final) else None
 
 
 def tool_call(annotation: re.Match) -> str:
-    """`<<48/2=24>>` with the result as the tool writes it ("4.00" -> "4", ".5" -> "0.5"); removed where the
-    tool would answer otherwise or not at all (`560//10`), so the model learns only calls the tool answers."""
+    """`<<48/2=24>>` as the tool writes it ("4.00" -> "4"); "" where it would answer otherwise or not (`560//10`)."""
     expression, _, result = annotation[1].rpartition("=")
     value = evaluate(expression)
     return f"<<{expression}={value}>>" if value is not None and evaluate(result) == value else ""
@@ -121,11 +98,9 @@ def format_example(record: dict, calculator: bool = False) -> tuple[str, str] | 
         return None
     if "assistant" in record:  # a ready trajectory (distill.py) is trained as it is; an empty one is skipped
         return (question.strip(), record["assistant"]) if record["assistant"] else None
-    parts = split_solution(answer, calculator)
-    if parts is None:
+    if not (parts := split_solution(answer, calculator)):
         return None
-    steps, final = parts
-    return question.strip(), f"<think>\n{steps}\n</think>\n\n**Final Answer:** {final}"
+    return question.strip(), f"<think>\n{parts[0]}\n</think>\n\n**Final Answer:** {parts[1]}"
 
 
 def gold_answer(record: dict) -> str | None:
@@ -139,19 +114,14 @@ def prompt_messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
 
 
 def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str = SYSTEM_PROMPT) -> list[int]:
-    """The prompt of a prompt style: `tinyreason` is exactly the training prompt; `boxed` is Qwen's math prompt
-    with no system turn (the template adds Qwen's default one, as in Qwen's own math evals); `answer_tags` is the
-    Infused Phi-2 recipe's system prompt."""
+    """tinyreason: the training prompt; boxed: Qwen-math's, under Qwen's default system turn; answer_tags: Phi-2's."""
     if style == "boxed":
         return tokenizer.apply_chat([{"role": "user", "content": question + BOXED_SUFFIX}])
-    if style == "answer_tags":
-        return tokenizer.apply_chat(prompt_messages(question, ANSWER_TAGS_SYSTEM))
-    return tokenizer.apply_chat(prompt_messages(question, system))
+    return tokenizer.apply_chat(prompt_messages(question, ANSWER_TAGS_SYSTEM if style == "answer_tags" else system))
 
 
 def prepare_splits(records: list[dict], num_samples: int, validation_split: float, seed: int):
-    """Drop malformed records, shuffle with `seed`, keep `num_samples` (<= 0: all), split off validation.
-    Returns (train, validation, number of malformed records)."""
+    """(train, validation, n_malformed): malformed records dropped, the rest shuffled, cut to `num_samples` if > 0."""
     good = [r for r in records if format_example(r) is not None]
     n_bad = len(records) - len(good)
     random.Random(seed).shuffle(good)
@@ -162,24 +132,19 @@ def prepare_splits(records: list[dict], num_samples: int, validation_split: floa
 
 
 def build_example(tokenizer, record: dict, calculator: bool = False) -> dict:
-    """Token ids and labels for one record: IGNORE on the prompt (system, user, assistant header),
-    targets on the assistant content and its <|im_end|>; the "\\n" the template puts after that <|im_end|>
-    follows the end of the turn, so it is neither input nor target. The ids are those generation sees: the
-    prompt as eval.py renders it, then the content, each piece the calculator writes (`24>>`) tokenized alone
-    and masked."""
+    """Token ids, and labels IGNORE on the prompt and on what the calculator writes (`24>>`). The ids are those
+    generation sees: the prompt as eval.py renders it, then each piece tokenized alone, then <|im_end|>."""
     question, assistant = format_example(record, calculator)
     input_ids = tokenizer.apply_chat(prompt_messages(question), add_generation_prompt=True)
     labels = [IGNORE] * len(input_ids)
     for piece, by_tool in pieces(assistant) if calculator else [(assistant, False)]:
         ids = tokenizer.encode(piece)
         input_ids, labels = input_ids + ids, labels + ([IGNORE] * len(ids) if by_tool else ids)
-    input_ids, labels = input_ids + [tokenizer.im_end_id], labels + [tokenizer.im_end_id]
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids + [tokenizer.im_end_id], "labels": labels + [tokenizer.im_end_id]}
 
 
-def build_examples(tokenizer, records: list[dict], max_seq_length: int,
-                   calculator: bool = False) -> tuple[list[dict], int]:
-    """Tokenize every record; examples longer than `max_seq_length` are dropped (returned as a count), not cut."""
+def build_examples(tokenizer, records: list[dict], max_seq_length: int, calculator: bool = False):
+    """(examples, n_dropped): examples longer than `max_seq_length` are dropped and counted, not cut."""
     examples = [build_example(tokenizer, r, calculator) for r in records]
     kept = [ex for ex in examples if len(ex["input_ids"]) <= max_seq_length]
     return kept, len(examples) - len(kept)
@@ -187,8 +152,7 @@ def build_examples(tokenizer, records: list[dict], max_seq_length: int,
 
 def load_splits(source: str, tokenizer, num_samples: int, validation_split: float, max_seq_length: int, seed: int,
                 log=print, calculator: bool = False, render=None) -> tuple[list[dict], list[dict]]:
-    """Train and validation examples from `source`, logging what was skipped or dropped. `render` rewrites each
-    record first (stages.upev_record: a record it cannot render counts as malformed)."""
+    """Train and validation examples, logging what was skipped; `render` rewrites each record first (stages.py)."""
     records = load_records(source)
     if render:
         records = [render(r) for r in records]
@@ -202,10 +166,8 @@ def load_splits(source: str, tokenizer, num_samples: int, validation_split: floa
     return train, val
 
 
-def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                           group: int = 64) -> list[list[int]]:
-    """One epoch of batches (lists of example indices). Shuffled with (seed, epoch), then sorted by length
-    inside mega-chunks of `group` batches so a batch pads little, then the batches are shuffled again."""
+def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group: int = 64):
+    """One epoch of index batches: shuffled by (seed, epoch), sorted by length within `group` batches, reshuffled."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -219,8 +181,8 @@ def length_grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch
 
 def step_batches(examples: list[dict], batch_size: int, accumulation: int, seed: int, position: tuple[int, int],
                  pad_id: int) -> tuple[list[dict], tuple[int, int]]:
-    """The `accumulation` micro-batches of one optimizer step, starting at data position (epoch, batch index),
-    and the position after them. An epoch's order depends only on (seed, epoch), so a saved position resumes."""
+    """One step's micro-batches from data position (epoch, batch) and the next position; (seed, epoch) fixes an
+    epoch's order, so a saved position resumes."""
     lengths = [len(ex["input_ids"]) for ex in examples]
     epoch, index = position
     order = length_grouped_batches(lengths, batch_size, seed, epoch)
@@ -235,20 +197,15 @@ def step_batches(examples: list[dict], batch_size: int, accumulation: int, seed:
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-pad to the longest example: input_ids/labels/attention_mask, and the targets' loss weights where the
-    examples have them (stages.weigh_by_stage), each (B, T)."""
-    T = max(len(ex["input_ids"]) for ex in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        input_ids[row, :n] = torch.tensor(ex["input_ids"])
-        labels[row, :n] = torch.tensor(ex["labels"])
-        attention_mask[row, :n] = 1
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    """Right-pad to the longest example, each (B, T): input_ids, labels, attention_mask, and weights if present."""
+    lengths = torch.tensor([len(ex["input_ids"]) for ex in examples])
+    T = int(lengths.max())
+
+    def pad(key, fill, dtype=torch.long):
+        return torch.tensor([ex[key] + [fill] * (T - len(ex[key])) for ex in examples], dtype=dtype)
+
+    batch = {"input_ids": pad("input_ids", pad_id), "labels": pad("labels", IGNORE),
+             "attention_mask": (torch.arange(T) < lengths[:, None]).long()}
     if "weights" in examples[0]:
-        batch["weights"] = torch.zeros((len(examples), T))
-        for row, ex in enumerate(examples):
-            batch["weights"][row, :len(ex["weights"])] = torch.tensor(ex["weights"])
+        batch["weights"] = pad("weights", 0.0, torch.float)
     return batch

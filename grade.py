@@ -1,9 +1,4 @@
-"""Grading an answer: find its span, normalize it, compare it numerically with the gold. eval.py and rl.py's
-correctness reward both call `is_correct(normalize(extract_answer(text)), gold)`, so they can never disagree.
-
-Normalization follows the official GSM8K one (drop thousands separators, compare numbers) and goes further for
-free-form model answers: currency, units, number words, fractions, percentages, a trailing ".0".
-"""
+"""Grading for eval.py and RL alike: find an answer's span, normalize it, compare it with the gold (docs/eval.md)."""
 import math
 import re
 from fractions import Fraction
@@ -24,13 +19,11 @@ NUMBER_WORDS_RE = re.compile(rf"\b{_WORD}(?:[\s-]+(?:and\s+)?{_WORD})*")  # "twe
 STYLES = ("tinyreason", "boxed", "answer_tags")
 FORMAT_RE = {"tinyreason": re.compile(r"</think>.*\*\*Final Answer:\*\*", re.S), "boxed": re.compile(r"\\boxed\{"),
              "answer_tags": re.compile(r"</think>.*<answer>.*</answer>", re.S)}
-# The strict shape RL rewards: one non-empty think block first, then the answer in the style's place, then nothing.
-THINK = r"\s*<think>(?P<think>.*?\S.*?)</think>\s*"  # a non-empty think block first
+THINK = r"\s*<think>(?P<think>.*?\S.*?)</think>\s*"  # strict: one non-empty think block first
 STRICT_RE = {"tinyreason": re.compile(THINK + r"\*\*Final Answer:\*\*[ \t]*(?P<answer>\S[^\n]*?)\s*", re.S),
              "answer_tags": re.compile(THINK + r"<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
              "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}[\s.$]*", re.S)}
 TAGS = ("<think>", "</think>", "<answer>", "</answer>", "**Final Answer:**", "\\boxed{")
-# "48 / 2 = 24", "60 + 120 - 10 = 170": a chain of numbers and operators, then = and a number
 STATEMENT_RE = re.compile(rf"(?<![\d.])({NUMBER}(?:\s*[-+*/x×÷]\s*{NUMBER})+)\s*=\s*({NUMBER})")
 
 
@@ -40,8 +33,7 @@ def is_compliant(text: str, style: str) -> bool:
 
 
 def answer_span(text: str, style: str) -> str | None:
-    """The answer where the style puts it, and nowhere else: after **Final Answer:**, in the last \\boxed{}, or
-    in the last <answer></answer>. No fallback to the last number (extract_answer's flexible reading)."""
+    """The answer where the style puts it and nowhere else, unlike extract_answer: no fallback to the last number."""
     if style == "boxed":
         return last_boxed(text)
     if style == "answer_tags":
@@ -58,14 +50,13 @@ def strict_format(text: str, style: str) -> re.Match | None:
 
 
 def statements(text: str) -> list[tuple[str, str, bool]]:
-    """Each `a op b ... = c` of the text, the whole chain (`60 + 120 - 10 = 170`), as (expression, c, true?): true
-    when its exact value is c, or rounds to c at c's own decimals (`10/3 = 3.33`; `10/3 = 3` is false)."""
+    """Each `a op b ... = c` chain of the text as (expression, c, true?): true when the exact value is c, or rounds
+    to c at c's own decimals (`10/3 = 3.33`; `10/3 = 3` is false)."""
     out = []
     for expr, c in STATEMENT_RE.findall(THOUSANDS_RE.sub("", text)):
         exact = calculator.value(expr.replace("x", "*").replace("×", "*").replace("÷", "/"))
         decimals = len(c.partition(".")[2])
-        out.append((expr, c, exact is not None and (exact == Fraction(c) or decimals > 0 and
-                                                    round(exact, decimals) == Fraction(c))))
+        out.append((expr, c, exact is not None and (round(exact, decimals) if decimals else exact) == Fraction(c)))
     return out
 
 
@@ -76,9 +67,7 @@ def step_validity(text: str) -> tuple[int, int]:
 
 
 def rewards(text: str, gold: str, style: str, stopped: bool) -> dict[str, float]:
-    """RL's reward parts for one completion. A completion cut at the length limit earns nothing: it has no
-    answer yet. correct: the strict answer span graded as eval.py grades; format: strict_format; reasoning: the
-    fraction of true `a op b = c` statements in the think block, only when the format holds (else 0)."""
+    """RL's reward parts; a completion cut at the length limit has no answer yet and earns nothing."""
     if not stopped:
         return {"correct": 0.0, "format": 0.0, "reasoning": 0.0}
     shape = strict_format(text, style)
@@ -89,21 +78,20 @@ def rewards(text: str, gold: str, style: str, stopped: bool) -> dict[str, float]
 
 def last_boxed(text: str) -> str | None:
     """Content of the last \\boxed{...}, nested braces included ("\\boxed{\\frac{3}{4}}")."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
+    _, found, rest = text.rpartition("\\boxed{")
+    if not found:
         return None
-    depth = 0
-    for i in range(start + len("\\boxed"), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
+    depth = 1
+    for i, char in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(char, 0)
         if depth == 0:
-            return text[start + len("\\boxed{"): i]
+            return rest[:i]
     return None
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer span of a response: TinyReason's delimiter, else Qwen-math's box, else GSM8K's own `#### N`
-    answer line, else the last number. "Flexible": any of them counts; the format check is separate."""
-    if "**Final Answer:**" in text and (span := text.rsplit("**Final Answer:**", 1)[1].strip()):
+    """The answer span, read flexibly: the delimiter, else the last box, else `#### N`, else the last number."""
+    if span := answer_span(text, "tinyreason"):
         return span
     if (span := last_boxed(text)) is not None:
         return span.strip()
@@ -113,30 +101,28 @@ def extract_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def words_to_digits(text: str) -> str:
-    def value(match):  # "two thousand five hundred and five": groups below a thousand, closed by each scale word
-        total = group = 0
-        for word in re.findall(r"[a-z]+", match.group()):
-            if word == "hundred":
-                group = max(group, 1) * 100
-            elif word in SCALES:
-                total, group = total + max(group, 1) * SCALES[word], 0
-            else:
-                group += WORD_VALUES.get(word, 0)  # "and" adds nothing
-        return str(total + group)
-    return NUMBER_WORDS_RE.sub(value, text)
+def number_words(match: re.Match) -> str:
+    """"two thousand five hundred and five" -> "2505": groups below a thousand, each closed by a scale word."""
+    total = group = 0
+    for word in re.findall(r"[a-z]+", match.group()):
+        if word == "hundred":
+            group = max(group, 1) * 100
+        elif word in SCALES:
+            total, group = total + max(group, 1) * SCALES[word], 0
+        else:
+            group += WORD_VALUES.get(word, 0)  # "and" adds nothing
+    return str(total + group)
 
 
 def normalize(answer: str | None) -> str:
-    """Canonical form of an answer span: its first number ("$1,200.00" -> "1200", "seven" -> "7", "3/4" -> "0.75",
-    "50%" -> "50", "15 meters" -> "15"), or the lower-cased text when it holds no number."""
+    """An answer's first number ("$1,200.00" -> "1200", "seven" -> "7", "3/4" -> "0.75"), else its lower-cased text."""
     if answer is None:
         return ""
     text = re.sub(r"\\d?frac\{([^{}]*)\}\{([^{}]*)\}", r"\1/\2", answer.lower().replace("\u2212", "-"))
     # A plain space groups thousands only inside an answer span: in reasoning, "step 2 100 more" is two numbers.
     text = SPACED_THOUSANDS_RE.sub("", THOUSANDS_RE.sub("", re.sub(r"[$€£¥₹]", "", text)))
     # Digits first, so "each one costs 5" reads 5; words only when there are no digits at all ("seven").
-    match = NUMBER_RE.search(text) or NUMBER_RE.search(text := words_to_digits(text))
+    match = NUMBER_RE.search(text) or NUMBER_RE.search(text := NUMBER_WORDS_RE.sub(number_words, text))
     if match is None:
         return text.strip().rstrip(".")
     value = float(match[1]) / float(match[2]) if match[2] and float(match[2]) != 0 else float(match[1])
