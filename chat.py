@@ -3,8 +3,6 @@
     python chat.py                                    # the last training's adapter (outputs/lora_adapter)
     python chat.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct
     python chat.py --prompt "A bookstore sells 15 books on Monday and twice as many on Tuesday. How many in all?"
-
-`exit`, `quit`, Ctrl-D or Ctrl-C leave. The model flags are every script's (load.py).
 """
 import argparse
 
@@ -36,8 +34,8 @@ class StreamDecoder:
 def answer(model, tokenizer, question: str, args):
     """Stream one answer to stdout as it is generated."""
     decoder = StreamDecoder(tokenizer)
-    prompt = tokenizer.apply_chat(data.prompt_messages(question, args.system))
-    ids = generate(model, tokenizer, [prompt], args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    prompt = data.prompt_ids(tokenizer, question, system=args.system)
+    ids = generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p,
                    on_token=lambda row, token: print(decoder.push(token), end="", flush=True),
                    calculator=args.calculator)[0][0]
     print(decoder.flush())

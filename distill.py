@@ -1,15 +1,9 @@
-"""Distillation by rejection sampling: a teacher samples several solutions per question, the grader keeps the
-correct ones, and they become SFT data in our format: reasoning the model can keep, not GSM8K's terse lines.
+"""Distillation by rejection sampling: a teacher samples solutions, the grader keeps the correct ones, and they become
+SFT data in our format: reasoning a model actually wrote, not GSM8K's terse lines.
 
-    python distill.py --teacher Qwen/Qwen2.5-7B-Instruct --data openai/gsm8k --samples_per_question 4 --out traces.jsonl
-    python train.py --data traces.jsonl ...        # SFT on the kept traces
-
-The teacher is any Qwen2 checkpoint we load (a larger one on a GPU, or the student itself: self-distillation), NF4
-or 16-bit, sampled by our batched generate. Each line of --out is one question: its GSM8K record, `assistant` (the
-kept trace rewritten into the exact assistant turn train.py trains on; empty when no sample was right, and train.py
-then skips it), and `n_correct` of `n_samples`, the question's difficulty for this teacher (the LPRO recipe's
-"learnable zone" is 2-5 of 8). Lines are appended batch by batch and a rerun skips the questions already in --out,
-so Ctrl-C loses at most the batch in flight.
+    python distill.py --teacher Qwen/Qwen2.5-7B-Instruct --samples_per_question 4 --out traces.jsonl
+    python train.py --data traces.jsonl --num_samples 0    # SFT on the kept traces
+    python rl.py --data traces.jsonl --zone 2,5             # RL on the questions 2 to 5 samples got right
 """
 import json
 import time
@@ -50,30 +44,22 @@ class DistillConfig:
     out: str = "traces.jsonl"  # one line per question, appended batch by batch; a rerun skips those already in it
 
 
-def teacher_prompt(tokenizer, question: str, style: str = "tinyreason") -> list[int]:
-    return data.prompt_ids(tokenizer, question, style, TEACHER_SYSTEM)
-
-
 def rewrite(text: str, gold: str, style: str = "tinyreason") -> str | None:
-    """A sample in the exact assistant turn train.py renders (think block, blank line, the answer line), or None
-    when it is not in the strict format. A boxed sample's whole text is the reasoning, its \\boxed{72} unboxed to
-    72 (wherever the box sits: Qwen often closes with "\\(\\boxed{72}\\)."): a small model that cannot yet
-    write our tags still reasons well in the format it knows."""
+    """A sample as the exact assistant turn train.py renders, or None outside the strict format. A boxed sample's
+    whole text is the reasoning, its \\boxed{72} unboxed to 72 wherever it sits (Qwen often ends "\\(\\boxed{72}\\)."):
+    a small model that cannot yet write our tags still reasons well in the format it knows."""
     if style == "boxed":
         answer = grade.last_boxed(text)
         think = "" if answer is None else text.replace(f"\\boxed{{{answer}}}", answer)
-        if not think.strip() or any(tag in think for tag in grade.TAGS):  # a second, different box; our own tags
+        if any(tag in think for tag in grade.TAGS):  # a second, different box; our own tags
             return None
-    elif shape := grade.strict_format(text, style):
-        think = shape["think"]
     else:
-        return None
-    return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {gold}"
+        think = shape["think"] if (shape := grade.strict_format(text, style)) else ""
+    return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {gold}" if think.strip() else None
 
 
 def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "tinyreason") -> tuple[list[str], int]:
-    """Samples (text, stopped) -> (up to `keep` correct ones rewritten, distinct, shortest first; how many were
-    correct)."""
+    """Samples (text, stopped) -> up to `keep` correct ones rewritten, distinct, shortest first; how many were right."""
     correct = [text for text, ended in samples if grade.rewards(text, gold, style, ended)["correct"]]
     kept = sorted({t for t in (rewrite(c, gold, style) for c in correct) if t}, key=lambda t: (len(t), t))
     return kept[:keep], len(correct)
@@ -92,31 +78,27 @@ def main(argv=None):
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     model, tokenizer = load_model(cfg.teacher, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype,
                                   device)
-    n = cfg.samples_per_question
-    seen = kept = tokens = 0
-    t0 = time.time()
+    n, kept, tokens, t0 = cfg.samples_per_question, 0, 0, time.time()
     bar = tqdm(total=len(todo), desc="distill", unit="question")
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start:start + cfg.batch_size]
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
-        prompts = [teacher_prompt(tokenizer, r["question"], cfg.teacher_format) for _, r in batch]
+        prompts = [data.prompt_ids(tokenizer, r["question"], cfg.teacher_format, TEACHER_SYSTEM) for _, r in batch]
         completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n,
                                   generator=generator)
-        lines = []
+        lines, tokens = [], tokens + sum(map(len, completions))
         for j, (_, record) in enumerate(batch):
-            rows = completions[j * n:(j + 1) * n]
-            samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in rows]
-            gold = data.gold_answer(record)
-            traces, n_correct = select(samples, gold, cfg.keep_per_question, cfg.teacher_format)
+            samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in completions[j * n:(j + 1) * n]]
+            traces, n_correct = select(samples, data.gold_answer(record), cfg.keep_per_question, cfg.teacher_format)
             lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})
                       for t in traces or [""]]
-            seen, kept, tokens = seen + 1, kept + len(traces), tokens + sum(map(len, rows))
+            kept += len(traces)
         with open(out, "a") as f:  # whole batches only: an interrupted batch is sampled again on the rerun
             f.writelines(line + "\n" for line in lines)
         bar.update(len(batch))
-        bar.set_postfix(kept=f"{kept}/{seen}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+        bar.set_postfix(kept=f"{kept}/{bar.n}", tok_s=f"{tokens / (time.time() - t0):.0f}")
     bar.close()
-    print(f"kept {kept} traces for {seen} questions -> {out}")
+    print(f"kept {kept} traces for {len(todo)} questions -> {out}")
 
 
 if __name__ == "__main__":

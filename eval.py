@@ -19,14 +19,12 @@ from generate import generate, stopped
 from grade import extract_answer, is_compliant, is_correct, normalize, step_validity, wilson
 from load import add_model_flags, load_from_flags, resolve_model_flags
 
-DEFAULT_LIMIT = 50  # problems scored when the adapter's run did not record test_samples
 
 def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
     try:
-        records = data.load_records(source, split=split)
+        records = data.load_records(source, split=split)[:limit if limit > 0 else None]
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data: {e}")
-    records = records[:limit] if limit > 0 else records
     for i, record in enumerate(records):
         if not isinstance(record.get("question"), str) or data.gold_answer(record) is None:
             raise SystemExit(f"--data: {source} record {i} needs a 'question' and an 'answer' ending in '#### N'")
@@ -35,20 +33,20 @@ def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
     return records
 
 
-def score(record: dict, output: str, style: str, upev: bool = False) -> dict:
-    """One line of --out: what was asked, what came out, how it was read and whether it is right, how many of its
-    arithmetic statements are true, and for a UPEV output the step-aware figures (stages.metrics)."""
+def score(record: dict, ids: list[int], tokenizer, style: str, upev: bool = False) -> dict:
+    """One line of --out: the problem, the output, how it was read and judged, its true arithmetic statements and,
+    for a UPEV output, the step-aware figures (stages.metrics)."""
+    output = tokenizer.decode(ids)
     extracted = extract_answer(output)
     gold, pred = normalize(data.gold_answer(record)), normalize(extracted)
     row = dict(question=record["question"], gold=gold, output=output, extracted=extracted, normalized=pred,
                correct=is_correct(pred, gold), compliant=is_compliant(output, style),
-               steps=list(step_validity(output.split("</think>")[0])))
+               steps=list(step_validity(output.split("</think>")[0])), tokens=len(ids), stopped=stopped(ids, tokenizer))
     return row | stages.metrics(output) if upev else row
 
 
 def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
-    """Accuracy with its interval, format compliance, the length distribution and five wrong answers beside the
-    gold: what a person checks first."""
+    """What a person checks first: accuracy, format compliance, lengths, five wrong answers beside the gold."""
     n, k = len(rows), sum(r["correct"] for r in rows)
     lo, hi = wilson(k, n)
     lengths = sorted(r["tokens"] for r in rows)
@@ -56,9 +54,8 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
              f"- accuracy: **{k / n:.3f}** ({k}/{n}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
              f"- format compliance: {sum(r['compliant'] for r in rows) / n:.3f}",
              f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, "
-             f"max {lengths[-1]}; "
-             f"{sum(not r['stopped'] for r in rows)} of {n} cut at --max_new_tokens {max_new_tokens}", "",
-             "| question | gold | read as | end of the answer |", "|---|---|---|---|"]
+             f"max {lengths[-1]}; {sum(not r['stopped'] for r in rows)} of {n} cut at --max_new_tokens "
+             f"{max_new_tokens}", "", "| question | gold | read as | end of the answer |", "|---|---|---|---|"]
     for r in [r for r in rows if not r["correct"]][:5]:
         question, read, end = (" ".join(str(t).split()).replace("|", "\\|") for t in
                                (r["question"][:160], r["normalized"], r["output"][-200:]))  # one table row each
@@ -84,9 +81,9 @@ def main():
 
     # Every input is checked before the (slow) model load.
     adapter, cfg = resolve_model_flags(args)
-    limit = args.limit if args.limit is not None else cfg.get("test_samples", DEFAULT_LIMIT)
     upev = cfg.get("format") == "upev"  # the step-aware figures, for an adapter trained in that format
-    records = load_eval_records(args.data, args.split, limit)
+    records = load_eval_records(args.data, args.split, args.limit if args.limit is not None else
+                                cfg.get("test_samples", 50))  # 50 where the adapter's run recorded none
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     net, tokenizer = load_from_flags(args, adapter)
     if adapter is not None:
@@ -98,7 +95,7 @@ def main():
 
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows, n_tokens, seconds = [None] * len(prompts), 0, 0.0
+    rows, seconds = [None] * len(prompts), 0.0
     bar = tqdm(range(0, len(order), args.batch_size), desc="eval", unit="batch")
     tokens = tqdm(desc="generated", unit="tok", position=1)  # a long batch shows life, and its speed
     for start in bar:
@@ -108,25 +105,20 @@ def main():
                               on_token=lambda row, token: tokens.update(), calculator=args.calculator)
         seconds += time.perf_counter() - t0
         for i, ids in zip(batch, new_ids):
-            rows[i] = score(records[i], tokenizer.decode(ids), args.prompt_style, upev) | {
-                "tokens": len(ids), "stopped": stopped(ids, tokenizer)}
-            n_tokens += len(ids)
+            rows[i] = score(records[i], ids, tokenizer, args.prompt_style, upev)
         done = order[: start + len(batch)]
         bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
     tokens.close()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    n, k = len(rows), sum(row["correct"] for row in rows)
-    n_strict, n_format = sum(r["correct"] and r["compliant"] for r in rows), sum(r["compliant"] for r in rows)
-    lo, hi = wilson(k, n)
-    print(f"accuracy, 95% Wilson interval: [{lo:.4f}, {hi:.4f}]")
-    print(f"strict accuracy (answer in the {args.prompt_style} format): {n_strict / n:.4f} ({n_strict}/{n})")
-    print(f"format compliance: {n_format / n:.4f} ({n_format}/{n})")
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    n, k, n_tokens = len(rows), sum(r["correct"] for r in rows), sum(r["tokens"] for r in rows)
+    print("accuracy, 95% Wilson interval: [{:.4f}, {:.4f}]".format(*wilson(k, n)))
+    print(f"strict accuracy (answer in the {args.prompt_style} format): "
+          f"{stages.ratio(sum(r['correct'] and r['compliant'] for r in rows), n)}")
+    print(f"format compliance: {stages.ratio(sum(r['compliant'] for r in rows), n)}")
     print(f"mean generated tokens: {n_tokens / n:.1f}")
-    steps = [sum(r["steps"][i] for r in rows) for i in (0, 1)]
-    print(f"step validity (true arithmetic statements): {stages.ratio(*steps)}")
+    print(f"step validity (true arithmetic statements): {stages.ratio(*map(sum, zip(*(r['steps'] for r in rows))))}")
     if upev:
         print("\n".join(stages.summary(rows)))
     if args.calculator:

@@ -4,17 +4,13 @@
     python rl.py --algo lpro --group_size 4        # the Nexus recipe (LPRO); --algo infused: Infused Phi-2's
     python eval.py --adapter outputs/rl_adapter    # the result, scored as always
 
-One step, rl_step: a rollout of group_size samples per question at `temperature` (top_p 1: the loss takes log-probs
-of the whole softmax), rewards by grade.py (a completion cut at max_new_tokens earns nothing), advantages within each
-group, then ppo_epochs optimizer steps of policy_loss over the whole rollout. At ppo_epochs 1 the loss is 0 by
-construction (ρ ≡ 1) while its gradient is Σ (A/D)·∇ℓ: watch the reward, the accuracy and the gradient norm. The
-algorithms and their sources: docs/rl.md.
+At ppo_epochs 1 the loss is 0 by construction (ρ ≡ 1) while its gradient is not: watch the reward and the accuracy.
+The algorithms, their sources and the log: docs/rl.md.
 """
 import random
 import re
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -106,18 +102,14 @@ def check_config(cfg: RLConfig):
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def question_indices(n: int, per_step: int, seed: int, position: tuple[int, int]):
-    """The next `per_step` training questions from data position (epoch, index), and the position after them; each
-    epoch's order depends only on (seed, epoch), so a saved position resumes exactly."""
-    (epoch, index), out = position, []
-    while len(out) < per_step:
-        order = list(range(n))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        take = order[index:index + per_step - len(out)]
-        out, index = out + take, index + len(take)
-        if index == n:
-            epoch, index = epoch + 1, 0
-    return out, (epoch, index)
+def question_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
+    """The questions of step `step`: the next per_step of a run of epochs over the n, each shuffled by (seed, epoch)
+    alone, so a resumed run draws the same ones."""
+    picks, orders = range(step * per_step, (step + 1) * per_step), {}
+    for epoch in {k // n for k in picks}:
+        orders[epoch] = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(orders[epoch])
+    return [orders[k // n][k % n] for k in picks]
 
 
 def compute_rewards(texts, completions, golds, ended, cfg) -> dict[str, torch.Tensor]:
@@ -129,9 +121,8 @@ def compute_rewards(texts, completions, golds, ended, cfg) -> dict[str, torch.Te
 
 
 def advantages(rewards, lengths, kind: str, length_penalty: float = 0.0, eps: float = 1e-4):
-    """One advantage per completion from rewards and lengths (P, G): centred within each group, divided by the
-    group's std (n-1) or the whole batch's, then LPRO's -λ·(L - mean L)/(std L + ε). Also returns which groups
-    had all rewards equal (P,)."""
+    """Advantages from rewards and lengths (P, G): centred in each group, over the group's std or the batch's, then
+    LPRO's −λ·(length z-score); and which groups had all rewards equal (P,)."""
     centred = rewards - rewards.mean(1, keepdim=True)
     adv = {"group": centred / (rewards.std(1, keepdim=True) + eps), "batch": centred / (rewards.std() + eps),
            "none": centred}[kind]
@@ -142,9 +133,8 @@ def advantages(rewards, lengths, kind: str, length_penalty: float = 0.0, eps: fl
 
 
 def token_weights(lengths, active, loss_agg: str, max_new_tokens: int, totals=None):
-    """The normalizer 1/D of each completion's tokens (N,), for the whole step: token, 1 / all active tokens;
-    seq, 1 / (N_active · |o_i|); const, 1 / (N_active · max_new_tokens). Inactive completions weigh 0. `totals`:
-    (N_active, active tokens) of the whole step when it spans several processes, else counted here."""
+    """Each completion's 1/D (N,), 0 if inactive. D: token, the step's active tokens; seq, N_active·|o_i|; const,
+    N_active·max_new_tokens. `totals`: (N_active, active tokens) over all processes; default: counted here."""
     n_seq, n_tokens = totals or (int(active.sum()), int(lengths[active].sum()))
     D = {"token": torch.tensor(max(n_tokens, 1)), "seq": max(n_seq, 1) * lengths.clamp(min=1),
          "const": torch.tensor(max(n_seq, 1) * max_new_tokens)}[loss_agg]
@@ -170,32 +160,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, weight, cfg) -> tuple[torch.Tenso
     return loss, {k: float(v.detach().sum()) for k, v in stats.items()}
 
 
-def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) -> dict:
-    """ppo_epochs optimizer steps over the active completions of one rollout; returns the step's statistics."""
-    lengths = [len(c) for c in batch["completions"]]
-    # 0 on the tokens the calculator wrote: no action of the policy, so no target
-    weights = [torch.tensor(sampled, dtype=torch.float) * w for sampled, w in zip(batch["sampled"], batch["weight"])]
-    stats = dict.fromkeys(("clip_low", "clip_high", "kl", "ratio"), 0.0)
-    for _ in range(cfg.ppo_epochs):
-        for i in range(0, len(lengths), cfg.micro_batch_size):
-            rows = slice(i, i + cfg.micro_batch_size)
-            with autocast:
-                logp = completion_logprobs(model, batch["prompts"][rows], batch["completions"][rows],
-                                           cfg.temperature, device).float()
-            adv = batch["adv"][rows].repeat_interleave(torch.tensor(lengths[rows])).to(device)  # on each token
-            old = torch.cat(batch["old"][rows]) if batch.get("old") else logp.detach()
-            ref = torch.cat(batch["ref"][rows]) if cfg.beta else None
-            loss, figures = policy_loss(logp, old, ref, adv, torch.cat(weights[rows]).to(device), cfg)
-            scaler.scale(loss).backward()
-            stats = {k: v + figures[k] for k, v in stats.items()}
-        grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
-    *sums, n_tokens = loop.all_ranks_sum(*stats.values(), sum(lengths) * cfg.ppo_epochs)
-    return {**{k: v / max(n_tokens, 1) for k, v in zip(stats, sums)}, "grad_norm": grad_norm}
-
-
 def completion_logprobs(model, prompts, completions, temperature, device):
-    """log π(o_t | q, o_<t) at `temperature` of every completion token, rows concatenated (Σ|o_i|,). The rows are
-    right-padded prompt + completion; lm_head runs on the completion positions only (tinyreason.token_logprobs)."""
+    """log π(o_t | q, o_<t) at `temperature` of every completion token, rows concatenated (Σ|o_i|,)."""
     starts = torch.tensor([len(p) for p in prompts])[:, None]
     ends = starts + torch.tensor([len(c) for c in completions])[:, None]
     T = int(ends.max())
@@ -206,22 +172,44 @@ def completion_logprobs(model, prompts, completions, temperature, device):
     return token_logprobs(model, hidden, ids[:, 1:][is_target], temperature)
 
 
-@torch.no_grad()
-def frozen_logprobs(model, batch, cfg, device, autocast, adapter: dict = None):
-    """Per-row log-probs from a training forward with dropout off and no graph: ℓ_old; or ℓ_ref, with `adapter`
-    (LoRA tensors) in place of the model's own for the pass: the reference costs a copy of the adapter only."""
-    params = lora.lora_state_dict(model)
-    own = {k: params[k].clone() for k in adapter or {}}
-    for k, t in (adapter or {}).items():
-        params[k].copy_(t)
-    model.eval()
-    out = []
-    for i in range(0, len(batch["prompts"]), cfg.micro_batch_size):
+def micro_batches(model, batch, cfg, device, autocast):
+    """Each micro-batch of a rollout: its rows and the fp32 log-probs of their completion tokens."""
+    for i in range(0, len(batch["completions"]), cfg.micro_batch_size):
         rows = slice(i, i + cfg.micro_batch_size)
         with autocast:
             logp = completion_logprobs(model, batch["prompts"][rows], batch["completions"][rows], cfg.temperature,
                                        device)
-        out += logp.float().split([len(c) for c in batch["completions"][rows]])
+        yield rows, logp.float()
+
+
+def policy_update(model, optimizer, scaler, params, batch, cfg, device, autocast, lr) -> dict:
+    """ppo_epochs optimizer steps over the active completions of one rollout; returns the step's statistics."""
+    lengths = [len(c) for c in batch["completions"]]
+    # 0 on the tokens the calculator wrote: no action of the policy, so no target
+    weights = [torch.tensor(sampled, dtype=torch.float) * w for sampled, w in zip(batch["sampled"], batch["weight"])]
+    stats = dict.fromkeys(("clip_low", "clip_high", "kl", "ratio"), 0.0)
+    for _ in range(cfg.ppo_epochs):
+        for j, (rows, logp) in enumerate(micro_batches(model, batch, cfg, device, autocast)):
+            adv = batch["adv"][rows].repeat_interleave(torch.tensor(lengths[rows])).to(device)  # on each token
+            old = batch["old"][j] if batch.get("old") else logp.detach()
+            ref = batch["ref"][j] if cfg.beta else None
+            loss, figures = policy_loss(logp, old, ref, adv, torch.cat(weights[rows]).to(device), cfg)
+            scaler.scale(loss).backward()
+            stats = {k: v + figures[k] for k, v in stats.items()}
+        grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
+    *sums, n_tokens = loop.all_ranks_sum(*stats.values(), sum(lengths) * cfg.ppo_epochs)
+    return {**{k: v / max(n_tokens, 1) for k, v in zip(stats, sums)}, "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch, cfg, device, autocast, adapter: dict = None):
+    """micro_batches' log-probs, dropout off: ℓ_old; or ℓ_ref, with the reference `adapter` tensors copied in."""
+    params, adapter = lora.lora_state_dict(model), adapter or {}
+    own = {k: params[k].clone() for k in adapter}
+    for k, t in adapter.items():
+        params[k].copy_(t)
+    model.eval()
+    out = [logp for _, logp in micro_batches(model, batch, cfg, device, autocast)]
     model.train()
     for k, t in own.items():
         params[k].copy_(t)
@@ -242,11 +230,9 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     r = compute_rewards(texts, completions, [data.gold_answer(q) for q in questions for _ in range(G)], ended, cfg)
     lengths = torch.tensor([len(c) for c in completions])
     adv, zero_std = advantages(r["reward"].view(-1, G), lengths.view(-1, G), cfg.advantage, cfg.length_penalty)
-    active = lengths > 0
+    active = torch.tensor(ended) | (not cfg.mask_truncated)
     if cfg.zero_std == "drop":
         active &= ~zero_std.repeat_interleave(G)
-    if cfg.mask_truncated:
-        active &= torch.tensor(ended)
     t_gen, t1 = time.time() - t0, time.time()
     keep = active.nonzero().squeeze(1).tolist()  # only what trains is forwarded again
     targets = torch.tensor([sum(s) for s in sampled])  # the calculator's tokens are no targets
@@ -286,20 +272,20 @@ def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=16) -
 
 
 def reference_tensors(model, cfg) -> dict:
-    """The starting policy for the KL: the starting adapter's tensors (kept frozen, also across a resume), or
-    B = 0 (the base alone) for a fresh adapter."""
+    """The starting policy of the KL, frozen also across a resume: the starting adapter, or B = 0 for a new one."""
+    own = lora.lora_state_dict(model)
     if cfg.adapter == "none":
-        return {k: torch.zeros_like(p) for k, p in lora.lora_state_dict(model).items() if ".lora_B." in k}
+        return {k: torch.zeros_like(p) for k, p in own.items() if ".lora_B." in k}
     saved = load_file(Path(cfg.adapter) / "adapter_model.safetensors")
-    return {k: saved[k].to(p.device) for k, p in lora.lora_state_dict(model).items()}
+    return {k: saved[k].to(p.device) for k, p in own.items()}
 
 
 def setup(cfg: RLConfig):
-    """Resolve model, precision and optimizer into cfg, load questions, the model with its adapter and the optimizer."""
+    """Resolve model, precision and optimizer into cfg; load the questions, the model and adapter, the optimizer."""
     adapter, _ = resolve_model_flags(cfg)  # the model and calculator of the adapter's run where not given
     device, dtype = cfg.device, cfg.dtype
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    resolve_checkpoint(cfg.model)
+    checkpoint = resolve_checkpoint(cfg.model)
     records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]
     if cfg.zone:  # distill.py's difficulty counts; one entry per question
@@ -314,7 +300,7 @@ def setup(cfg: RLConfig):
     else:
         lora.inject(model, lora.TARGETS, cfg.lora_r, cfg.lora_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
-    return model, Tokenizer.from_pretrained(resolve_checkpoint(cfg.model)), train_q, eval_q, params, optimizer, device, dtype
+    return model, Tokenizer.from_pretrained(checkpoint), train_q, eval_q, params, optimizer, device, dtype
 
 
 def main(argv=None) -> dict:
@@ -327,18 +313,19 @@ def main(argv=None) -> dict:
     model, tokenizer, train_q, eval_q, params, optimizer, device, dtype = setup(cfg)
     ref_tensors = reference_tensors(model, cfg) if cfg.beta else None
     autocast, scaler = loop.amp(device, dtype)
-    state = {"step": 0, "position": (0, 0), "reward": {}, "accuracy": {}}
+    state = {"step": 0, "reward": {}, "accuracy": {}}
 
     def train_step(step):
-        picked, state["position"] = question_indices(len(train_q), cfg.prompts_per_step, cfg.seed, state["position"])
+        picked = question_indices(len(train_q), cfg.prompts_per_step, cfg.seed, step)
         s, sample = rl_step(model, tokenizer, optimizer, scaler, params, [train_q[i] for i in picked[rank::world]],
                             ref_tensors, cfg, step, device, autocast, loop.get_lr(step, cfg))
         line = f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in s.items())
         return s, line + (f"\nsample completion:\n{sample}\n" if (step + 1) % cfg.logging_steps == 0 else "")
 
-    evaluate = partial(held_out_accuracy, model, tokenizer, eval_q, cfg, autocast) if eval_q else None
-    return loop.run(cfg, "rl.py", model, optimizer, scaler, state, train_step, evaluate, score="accuracy",
-                    maximize=True, shown=("reward", "correct"))
+    def evaluate():
+        return held_out_accuracy(model, tokenizer, eval_q, cfg, autocast)
+    return loop.run(cfg, "rl.py", model, optimizer, scaler, state, train_step, evaluate if eval_q else None,
+                    score="accuracy", maximize=True, shown=("reward", "correct"))
 
 
 if __name__ == "__main__":
