@@ -1,15 +1,13 @@
-"""Checkpoints that resume exactly. output_dir/checkpoint-NNNNNN holds the adapter (PEFT format),
-experiment_config.json (the run's resolved config, which --config and --resume read back) and training_state.pt:
-optimizer, grad scaler, every process's RNG states and the loop's own state, all tensors and plain data, so it loads
-with torch.load(weights_only=True) and nothing in the file is ever executed.
-
-Folders are written under a temporary name and renamed into place, and renamed away before they are deleted, so a
-reader (or a resume after a crash) never sees a partial one.
+"""Checkpoints that resume exactly: output_dir/checkpoint-NNNNNN holds the adapter (PEFT format), the resolved
+experiment_config.json and training_state.pt (optimizer, grad scaler, every process's RNG states, the loop's state),
+tensors and plain data only, so it loads with torch.load(weights_only=True). Folders are renamed into place and
+renamed away before deletion, so nobody ever sees a partial one.
 """
 import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +21,7 @@ CONFIG_FILE = "experiment_config.json"
 
 
 def processes() -> tuple[int, int]:
-    """This process's rank and the number of processes: torchrun's, once loop.init_distributed has joined them."""
+    """This process's rank and the number of processes, once loop.init_distributed has joined them."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -47,8 +45,7 @@ class Checkpoints:
         return (max if self.maximize else min)(scored, key=scores.get)
 
     def save(self, model, optimizer, scaler, state: dict, cfg, scores: dict[int, float]) -> Path:
-        """Called by every process: each one's RNG states are kept (rank 0 writes), so a resume with the same
-        number of processes is exact."""
+        """Called by every process: rank 0 writes, with each one's RNG states, so a resume with as many is exact."""
         rank, world = processes()
         final = self.dir / f"checkpoint-{state['step']:06d}"
         rngs = [rng_state()]
@@ -58,13 +55,10 @@ class Checkpoints:
         if rank != 0:
             dist.barrier()  # until rank 0 has written it
             return final
-        tmp = final.with_name(".tmp-" + final.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.save_adapter(model, tmp, cfg.model)
-        torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
-                    "rng": rngs}, tmp / "training_state.pt")
-        save_config(cfg, tmp)
-        replace_folder(tmp, final)
+        with written_in_place(final, cfg) as tmp:
+            self.save_adapter(model, tmp, cfg.model)
+            torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
+                        "rng": rngs}, tmp / "training_state.pt")
         self.prune(scores)
         if world > 1:
             dist.barrier()
@@ -73,26 +67,36 @@ class Checkpoints:
     def prune(self, scores: dict[int, float]):
         saved = self.saved()
         keep = {max(saved), self.best(scores)}
-        keep |= set(sorted(set(saved) - keep)[len(keep) - self.limit:] if self.limit > len(keep) else [])
+        newest_first = sorted(set(saved) - keep, reverse=True)
+        keep |= set(newest_first[:max(self.limit - len(keep), 0)])
         for step in set(saved) - keep:
             discard(saved[step])
 
     def export_best(self, adapter_path, cfg, scores: dict[int, float]) -> int:
         """Copy the best checkpoint's adapter to adapter_path, with the run's resolved config; returns its step."""
         step = self.best(scores)
-        if processes()[0] != 0:
-            return step
-        out = Path(adapter_path)
-        tmp = out.with_name(".tmp-" + out.name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(self.saved()[step], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
-        save_config(cfg, tmp)
-        replace_folder(tmp, out)
+        if processes()[0] == 0:
+            with written_in_place(Path(adapter_path), cfg) as tmp:
+                shutil.copytree(self.saved()[step], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
         return step
 
 
-def save_config(cfg, folder: Path):
-    (folder / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+@contextmanager
+def written_in_place(final: Path, cfg):
+    """A temporary folder to fill; with the run's config added it replaces `final` by renames."""
+    tmp = final.with_name(".tmp-" + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+    if final.exists():
+        discard(final)
+    os.replace(tmp, final)
+
+
+def discard(folder: Path):
+    trash = folder.with_name(".del-" + folder.name)  # renamed first: never listed half-deleted
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
 
 
 def resume_folder(resume: str, output_dir) -> Path:
@@ -121,30 +125,16 @@ def load_training_state(folder: Path, optimizer, scaler) -> dict:
 def rng_state() -> dict:
     """Every RNG the loop draws from, as tensors and plain data (loadable with weights_only=True)."""
     version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos,
-                                                             has_gauss, cached],
+    name, keys, *rest = np.random.get_state()  # keys: a uint32 array, which weights_only cannot load
+    return {"python": [version, list(mt), gauss], "numpy": [name, torch.from_numpy(keys.astype(np.int64)), *rest],
             "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state: dict):
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def replace_folder(tmp: Path, final: Path):
-    """Put a fully written `tmp` in place of `final` by renames, so a reader never sees a partial folder."""
-    if final.exists():
-        discard(final)
-    os.replace(tmp, final)
-
-
-def discard(folder: Path):
-    trash = folder.with_name(".del-" + folder.name)  # renamed first: never listed half-deleted
-    os.replace(folder, trash)
-    shutil.rmtree(trash)

@@ -1,9 +1,6 @@
-"""A script's flags from its config dataclass: the one place where a command line becomes a config.
-
-Every field is a flag, --name. The field's trailing comment in the class is the flag's --help, and a field typed
-Literal[...] takes only those values, so a wrong one is an argparse error before anything loads. --config FILE.json
-sets fields that flags then override. --resume (bare: latest) bases the config on the checkpoint's own
-experiment_config.json, so a resumed run is the run it continues.
+"""A script's flags from its config dataclass: each field is a --flag, its trailing comment the --help, a Literal
+field's values its choices. --config FILE.json sets fields that flags override; --resume starts from the checkpoint's
+own experiment_config.json, so a resumed run is the run it continues.
 """
 import argparse
 import inspect
@@ -25,7 +22,9 @@ def parse_config(cls, argv=None, fixed_on_resume=(), description=None):
     parser.add_argument("--config", help="JSON file of config fields, e.g. a run's experiment_config.json")
     comments = field_comments(cls)
     for f in fields(cls):
-        parser.add_argument(f"--{f.name}", help=help_text(comments.get(f.name, ""), f.default), **flag_kind(f))
+        default = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+        text = comments.get(f.name, "") + ("" if default in ("", None) else f" (default: {default})")
+        parser.add_argument(f"--{f.name}", help=text.strip().replace("%", "%%"), **flag_kind(f))  # argparse formats %
     values = vars(parser.parse_args(argv))
     if "config" in values:
         values = {**read_config(cls, values.pop("config"), parser.error), **values}
@@ -41,8 +40,7 @@ def parse_config(cls, argv=None, fixed_on_resume=(), description=None):
 
 
 def flag_kind(f) -> dict:
-    """How argparse reads a field: a bool as --name / --no-name, a tuple as a list of values, a Literal as one of its
-    values, a bare --resume as "latest"."""
+    """A bool as --name / --no-name, a tuple as a list, a Literal as one of its values, a bare --resume as latest."""
     if f.type is bool:
         return {"action": argparse.BooleanOptionalAction}
     if f.type == tuple[str, ...]:
@@ -55,8 +53,8 @@ def flag_kind(f) -> dict:
 
 
 def field_comments(cls) -> dict[str, str]:
-    """Field name -> its trailing comment in the source of the class or, failing that, of a base class; none where
-    no source can be read. The tokenizer finds the comments, so a "#" inside a default string is no comment."""
+    """Field name -> its trailing comment in the class's (or a base class's) source; by the tokenizer, so a "#" in a
+    default string is no comment."""
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):  # object has no fields
         try:
@@ -68,16 +66,8 @@ def field_comments(cls) -> dict[str, str]:
     return comments
 
 
-def help_text(comment: str, default) -> str:
-    """The comment and the default (none shown for an empty or unset one), with argparse's % escaped."""
-    shown = " ".join(default) if isinstance(default, tuple) else default
-    text = comment if shown in ("", None) else f"{comment} (default: {shown})".lstrip()
-    return text.replace("%", "%%")
-
-
 def read_config(cls, path, error) -> dict:
-    """The fields of a JSON config file; `error` gets a missing file, invalid JSON, an unknown field, or a value
-    outside a Literal field's choices."""
+    """The fields of a JSON config file; `error` gets a missing file, bad JSON, an unknown field or a wrong choice."""
     path = Path(path)
     if not path.is_file():
         error(f"{path}: no such file")

@@ -1,7 +1,6 @@
-"""What both training loops (train.py's SFT, rl.py's RL) run on: torchrun, seeding, the learning-rate schedule,
-precision and the optimizer step, the metrics file, the config fields both loops have and their checks, and `run`,
-the loop itself: resume, steps, evaluations, checkpoints (checkpoint.py), and a Ctrl-C that stops at a step
-boundary. Each script brings only its own step and its own evaluation.
+"""What train.py's SFT and rl.py's RL share: torchrun, seeding, the schedule, precision and the optimizer step,
+metrics.jsonl, the common config fields and their checks, and `run`, the loop itself (resume, evaluations,
+checkpoints, Ctrl-C at a step boundary). Each script brings only its own step and evaluation.
 """
 import importlib.util
 import json
@@ -34,9 +33,7 @@ def log(message: str):
 
 
 def init_distributed() -> tuple[int, int]:
-    """Under torchrun (its RANK, WORLD_SIZE and LOCAL_RANK variables) join the process group, NCCL on GPUs and gloo
-    on CPUs, one GPU per process; alone, rank 0 of 1. Each process holds the whole (NF4) model; only the LoRA
-    gradients travel, summed by one all_reduce per optimizer step (sum_gradients)."""
+    """Under torchrun join the process group (NCCL, one GPU per process; gloo on CPUs); alone, rank 0 of 1."""
     global RANK, WORLD
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
@@ -47,24 +44,12 @@ def init_distributed() -> tuple[int, int]:
 
 
 def all_ranks_sum(*values: float, op=dist.ReduceOp.SUM) -> list[float]:
-    """The sums (or another reduction) over all processes of a few numbers (themselves when alone)."""
+    """A few numbers summed (or reduced by `op`) over all processes."""
     if WORLD == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op)
     return t.tolist()
-
-
-def sum_gradients(params):
-    """Sum each gradient over all processes in one flat all_reduce. Every process scaled its loss by the whole
-    step's normalizer, so the sum is the gradient one process would get from the whole step."""
-    if WORLD == 1:
-        return
-    grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]  # a process with no sample
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(g)
 
 
 def seed_everything(seed: int):
@@ -75,8 +60,8 @@ def seed_everything(seed: int):
 
 
 def get_lr(step: int, cfg) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to the peak, reached at step
-    warmup_steps - 1, then linear decay towards 0 at max_steps. No step runs at lr 0."""
+    """Step `step`'s (0-based) learning rate: linear warmup to the peak at warmup_steps - 1, then linear decay
+    towards 0 at max_steps; no step runs at lr 0."""
     if step < cfg.warmup_steps:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     return cfg.learning_rate * (cfg.max_steps - step) / (cfg.max_steps - cfg.warmup_steps)
@@ -87,8 +72,8 @@ def resolve_optim(name: str, device: torch.device) -> str:
 
 
 def trainable(model, cfg):
-    """The model set to train (gradient checkpointing as cfg says), its trainable parameters (the fp32 LoRA
-    matrices) and cfg.optim's optimizer over them, all with weight decay: no bias or norm trains."""
+    """The model set to train, its trainable (fp32 LoRA) parameters and cfg.optim over them, all with weight decay
+    (no bias or norm trains)."""
     model.gradient_checkpointing = cfg.gradient_checkpointing
     log(lora.trainable_report(model))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -100,16 +85,20 @@ def trainable(model, cfg):
 
 
 def amp(device: torch.device, dtype: torch.dtype):
-    """(autocast context, grad scaler): the LoRA weights stay fp32, the matmuls run in `dtype`; fp16 gradients
-    underflow unscaled, so fp16 gets a scaler that skips steps whose gradients overflow."""
+    """(autocast, grad scaler): matmuls in `dtype`, LoRA weights fp32; fp16 gradients need scaling not to underflow."""
     return (torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
             torch.amp.GradScaler(device.type, enabled=dtype == torch.float16))
 
 
 def optimizer_step(optimizer, scaler, params, max_grad_norm: float, lr: float) -> float:
-    """Sum the gradients over all processes, unscale, clip, step at `lr` (or skip the update when the gradient is
-    not finite), zero the gradients. Returns the gradient norm before clipping."""
-    sum_gradients(params)
+    """Sum the gradients over all processes, unscale, clip, step at `lr` (skipped when the gradient is not finite),
+    zero the gradients. Returns the gradient norm before clipping."""
+    if WORLD > 1:  # one flat all_reduce of the LoRA gradients; each loss was divided by the whole step's normalizer
+        grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]  # a process with no sample
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        for p, g, chunk in zip(params, grads, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(g)
     for group in optimizer.param_groups:
         group["lr"] = lr
     scaler.unscale_(optimizer)
@@ -128,9 +117,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 class Metrics:
-    """output_dir/metrics.jsonl: one JSON line per step and per evaluation with every figure of the log line and the
-    wall time; --report_to tensorboard or wandb sends the same figures there. A resumed run first drops the lines
-    past its checkpoint's step, so the file never holds a step twice."""
+    """output_dir/metrics.jsonl: a JSON line of figures per step and per evaluation, also sent to --report_to. A
+    resumed run first drops the lines past its checkpoint, so no step appears twice."""
 
     def __init__(self, cfg, resumed_step: int = 0):
         self.path, self.report = Path(cfg.output_dir) / "metrics.jsonl", None
@@ -160,8 +148,7 @@ class Metrics:
 
 @dataclass
 class LoopConfig:
-    """The fields both training loops have, with the SFT recipe's defaults; train.py's and rl.py's configs add their
-    own fields and set their own defaults."""
+    """The fields both loops have, with the SFT recipe's defaults; train.py's and rl.py's configs add their own."""
     model: str = DEFAULT_MODEL  # hub repo id or local Hugging Face checkpoint folder
     data: str = "openai/gsm8k"  # hub dataset (config "main") or local .jsonl/.json/.parquet with question/answer
     quantize: Literal["nf4", "none"] = "nf4"  # base weights: nf4 (QLoRA) or none (16-bit LoRA)
@@ -188,8 +175,7 @@ class LoopConfig:
 
 
 def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
-    """What argparse cannot see wrong in the fields both loops have, plus a script's own `positive` and
-    `nonnegative` ones: found before anything loads."""
+    """What argparse cannot see wrong in the common fields and a script's own `positive` and `nonnegative` ones."""
     positive = ("max_steps", "learning_rate", "lora_r", "eval_steps", "save_steps", "save_total_limit",
                 "logging_steps", *positive)
     problems = [f"--{k} must be > 0 (got {getattr(cfg, k)})" for k in positive if getattr(cfg, k) <= 0]
@@ -207,9 +193,8 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
 
 
 class StopAtStepBoundary:
-    """Ctrl-C sets a flag that the loop reads between steps: it saves the last finished step and exits, so a
-    checkpoint never holds half a step (RNG states drawn mid-step, weights updated under the old step number).
-    A second Ctrl-C stops at once, without saving."""
+    """Ctrl-C sets a flag read between steps, so a checkpoint never holds half a step (RNG states drawn mid-step,
+    weights updated under the old step number). A second Ctrl-C stops at once, without saving."""
 
     def __enter__(self):
         self.requested = False
@@ -228,16 +213,12 @@ class StopAtStepBoundary:
 
 def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, evaluate=None, *, score: str,
         maximize: bool = False, shown: tuple[str, ...] = (), save_adapter=lora.save_adapter) -> dict:
-    """The loop of `script` from state["step"] (the checkpoint's with --resume) to cfg.max_steps; returns `state`,
-    updated in place. After each step: its figures to metrics.jsonl, an evaluation every eval_steps, a checkpoint
-    every save_steps (both also at the end), and a stop when Ctrl-C asked for one. At the end the checkpoint with
-    the best `score` (an evaluation figure; lower is better unless maximize) becomes cfg.adapter_path.
+    """Steps from state["step"] to cfg.max_steps, evaluating every eval_steps and saving every save_steps (both also
+    at the end); then the checkpoint with the best `score` (lower is better unless maximize) becomes adapter_path.
 
-    train_step(step) runs optimizer step `step` (0-based) and returns its figures and a log line (or None).
-    evaluate() returns the held-out figures and a log line; None: no held-out data.
-    state holds the loop's position, saved with every checkpoint: "step", what the script keeps there (its data
-    position), and a dict for each figure to keep step by step (score's among them), e.g. {"loss": {1: 2.3}}.
-    shown: the figures on the progress bar. save_adapter(model, folder, base): writes a checkpoint's adapter.
+    train_step(step) and evaluate() (None: no held-out data) return figures and a log line (or None). `state`, saved
+    with each checkpoint and returned, holds "step", the script's data position and a {step: value} dict per figure
+    kept, e.g. {"loss": {1: 2.3}}. shown: the progress bar's figures.
     """
     log(json.dumps(asdict(cfg), indent=2))  # the resolved config, as experiment_config.json records it
     if cfg.resume:

@@ -5,13 +5,12 @@
     python train.py --resume                           # continue the newest checkpoint in --output_dir, as it was
     python train.py --config run.json --max_steps 100  # fields from JSON (e.g. an experiment_config.json); flags win
 
-A step divides the summed token losses of its micro-batches by the target tokens of all of them (with
---stage_weights, the summed w * loss by the summed w: stages.py), so accumulation 4 x batch 1 equals batch 4.
-The loop, checkpoints, resume and Ctrl-C are loop.py's and checkpoint.py's: a resumed run ends bit-identical to one
-never stopped. The checkpoint with the lowest validation loss becomes --adapter_path.
+A step's loss is its summed token losses over the target tokens of all its micro-batches (Σ w·loss / Σ w with
+--stage_weights): accumulation 4 x batch 1 equals batch 4. The best checkpoint by validation loss is --adapter_path.
 """
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -42,7 +41,7 @@ class TrainConfig(loop.LoopConfig):
     max_seq_length: int = 2048  # longer examples are dropped and counted, never cut
     calculator: bool = False  # keep GSM8K's <<48/2=24>> as tool calls; eval.py and chat.py then use the tool
     format: Literal["plain", "upev"] = "plain"  # upev: the think block in UNDERSTAND/PLAN/EXECUTE/VERIFY stages
-    stage_weights: str = ""  # e.g. 1,1,1,2: loss weights of UNDERSTAND,PLAN,EXECUTE,VERIFY (+ answer); empty: unweighted
+    stage_weights: str = ""  # e.g. 1,1,1,2: UNDERSTAND,PLAN,EXECUTE,VERIFY (+ answer) loss weights; empty: unweighted
     lora_dropout: float = 0.0  # dropout on the adapter input
     target_modules: tuple[str, ...] = lora.TARGETS  # projections of each block that get an adapter
     verify_adapter: bool = False  # a second LoRA on the same projections, on from the VERIFY tag on (--format upev)
@@ -57,7 +56,7 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def check_config(cfg: TrainConfig):
-    """Every input problem argparse cannot see, found before the model loads, in one specific error."""
+    """Every problem argparse cannot see, in one error before anything loads."""
     problems = loop.config_problems(cfg, ("batch_size", "gradient_accumulation_steps", "max_seq_length", "verify_r"))
     problems += [f"--{k} must be in [0, 1) (got {getattr(cfg, k)})"
                  for k in ("validation_split", "lora_dropout") if not 0 <= getattr(cfg, k) < 1]
@@ -65,7 +64,7 @@ def check_config(cfg: TrainConfig):
         problems.append("--stage_weights and --verify_adapter need --format upev (a plain turn has no stages)")
     if cfg.format == "upev" and cfg.calculator:
         problems.append("--format upev writes its steps without calculator calls: drop --calculator")
-    if cfg.stage_weights and not (len(w := stage_weights(cfg)) == 4 and min(w) >= 0 and sum(w) > 0):
+    if cfg.stage_weights and not ((w := config.numbers(cfg.stage_weights, 4)) and min(w) >= 0 and sum(w) > 0):
         problems.append(f"--stage_weights {cfg.stage_weights!r}: expected four weights >= 0, not all 0, e.g. 1,1,1,1")
     if unknown := sorted(set(cfg.target_modules) - set(lora.TARGETS)):
         problems.append(f"--target_modules {unknown}: expected a subset of {lora.TARGETS}")
@@ -73,14 +72,9 @@ def check_config(cfg: TrainConfig):
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
-def stage_weights(cfg: TrainConfig) -> list[float]:
-    return [float(w) for w in cfg.stage_weights.split(",")]
-
-
 def compute_loss(model, batch) -> tuple[torch.Tensor, float]:
-    """Summed next-token cross-entropy over the target positions of `batch`, and their number. lm_head runs only
-    where the next token is a target (tinyreason.token_logprobs, the same path as RL's). A batch with per-token
-    `weights` (stages.weigh_by_stage) gives Σ w·CE and Σ w instead."""
+    """Summed next-token cross-entropy over the target positions of `batch` (lm_head runs only there), and their
+    number; with per-token `weights` (stages.weigh_by_stage), Σ w·CE and Σ w."""
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     is_target = labels != IGNORE
     hidden = model(batch["input_ids"])[:, :-1][is_target]  # (N, D); right padding needs no mask
@@ -98,9 +92,8 @@ def count_targets(micro_batches) -> float:
 
 
 def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None) -> tuple[float, float]:
-    """Backward over micro-batches of one optimizer step, each loss divided by the whole step's target count (or
-    summed weight; under torchrun the step spans every process: n_targets is then all of theirs). Returns these
-    micro-batches' part of the step's mean token loss, and the count."""
+    """Backward over micro-batches of one step, each loss divided by the whole step's count (under torchrun,
+    n_targets: every process's). Returns these micro-batches' part of the step's mean token loss, and the count."""
     n_targets = n_targets or count_targets(micro_batches)
     if n_targets == 0:
         raise ValueError("a training step has no target tokens: every label is masked")
@@ -108,14 +101,14 @@ def accumulate_gradients(model, micro_batches, autocast, scaler, n_targets=None)
     for mb in micro_batches:
         with autocast:
             loss_sum, _ = compute_loss(model, mb)
-        scaler.scale(loss_sum / n_targets).backward()  # normalised by the whole step's targets
+        scaler.scale(loss_sum / n_targets).backward()
         total += loss_sum.item()
     return total / n_targets, n_targets
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, autocast, pad_id, device) -> float:
-    """Mean token loss over `examples`, in batches of similar length."""
+def evaluate(model, examples, batch_size, autocast, pad_id, device) -> tuple[dict, str]:
+    """The mean token loss over `examples`, in batches of similar length, as loop.run's evaluate returns it."""
     model.eval()
     order = sorted(examples, key=lambda ex: len(ex["input_ids"]))[loop.RANK::loop.WORLD]  # this process's share
     total, n = 0.0, 0
@@ -126,19 +119,22 @@ def evaluate(model, examples, batch_size, autocast, pad_id, device) -> float:
         total, n = total + float(loss_sum), n + n_batch
     model.train()
     total, n = loop.all_ranks_sum(total, n)
-    return total / n
+    return {"val_loss": total / n}, f"validation loss {total / n:.4f}"
 
 
-def setup(cfg: TrainConfig):
-    """Resolve precision and optimizer into cfg (so experiment_config.json records what ran), then load the data,
-    the model with its adapter (the checkpoint's when resuming) and the optimizer."""
-    device, dtype = resolve_precision(cfg.device, cfg.dtype)
+def main(argv=None) -> dict:
+    cfg = parse_config(argv)
+    check_config(cfg)
+    rank, world = loop.init_distributed()
+    tokenizer = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))  # a wrong --model fails before data loads
+    loop.seed_everything(cfg.seed)
+    device, dtype = resolve_precision(cfg.device, cfg.dtype)  # resolved into cfg: experiment_config.json says what ran
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    tokenizer = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
+    upev = stages.upev_record if cfg.format == "upev" else None
     train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
-                                     cfg.seed, log, cfg.calculator, stages.upev_record if cfg.format == "upev" else None)
+                                     cfg.seed, log, cfg.calculator, upev)
     if cfg.stage_weights:
-        stages.weigh_by_stage(tokenizer, train_set, stage_weights(cfg))
+        stages.weigh_by_stage(tokenizer, train_set, config.numbers(cfg.stage_weights, 4))
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume:  # the checkpoint's own adapter (r, alpha, targets)
         lora.load_adapter(model, cfg.resume)
@@ -149,22 +145,12 @@ def setup(cfg: TrainConfig):
         if cfg.verify_adapter:
             stages.add_verify_adapter(model, tokenizer, cfg.verify_r, cfg.verify_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
-    return tokenizer, train_set, val_set, model, params, optimizer, device, dtype
-
-
-def main(argv=None) -> dict:
-    cfg = parse_config(argv)
-    check_config(cfg)
-    rank, world = loop.init_distributed()
-    resolve_checkpoint(cfg.model)  # a wrong --model fails here, before data and weights load
-    loop.seed_everything(cfg.seed)
-    tokenizer, train_set, val_set, model, params, optimizer, device, dtype = setup(cfg)
     autocast, scaler = loop.amp(device, dtype)
     state = {"step": 0, "position": (0, 0), "loss": {}, "val_loss": {}}
     tokens, train_time, window = 0, 0.0, []
 
     def train_step(step):
-        """Micro-batches of every process, this process's share of them forward and backward, one update."""
+        """Every process's micro-batches, this process's share forward and backward, one update."""
         nonlocal tokens, train_time
         t0, lr = time.time(), loop.get_lr(step, cfg)
         accum = cfg.gradient_accumulation_steps  # per process: a step is accum * world micro-batches
@@ -172,8 +158,7 @@ def main(argv=None) -> dict:
                                                         state["position"], tokenizer.pad_id)
         tokens += sum(int(mb["attention_mask"].sum()) for mb in micro_batches)
         mine = [{k: v.to(device) for k, v in mb.items()} for mb in micro_batches[rank * accum:(rank + 1) * accum]]
-        n_targets = count_targets(micro_batches)  # every process's micro-batches
-        loss, _ = accumulate_gradients(model, mine, autocast, scaler, n_targets)
+        loss, _ = accumulate_gradients(model, mine, autocast, scaler, count_targets(micro_batches))  # all processes'
         loss = loop.all_ranks_sum(loss)[0]
         grad_norm = loop.optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, lr)
         if not np.isfinite(grad_norm):  # fp16 overflow: the scaler skipped the update
@@ -188,10 +173,7 @@ def main(argv=None) -> dict:
         window.clear()
         return figures, line
 
-    def validate():
-        val = evaluate(model, val_set, cfg.batch_size, autocast, tokenizer.pad_id, device)
-        return {"val_loss": val}, f"validation loss {val:.4f}"
-
+    validate = partial(evaluate, model, val_set, cfg.batch_size, autocast, tokenizer.pad_id, device)
     return loop.run(cfg, "train.py", model, optimizer, scaler, state, train_step, validate if val_set else None,
                     score="val_loss", shown=("loss", "lr", "tok_s"),
                     save_adapter=stages.save_adapters if cfg.verify_adapter else lora.save_adapter)
