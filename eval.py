@@ -20,19 +20,6 @@ from grade import extract_answer, is_compliant, is_correct, normalize, step_vali
 from load import add_model_flags, load_from_flags, resolve_model_flags
 
 
-def load_eval_records(source: str, split: str, limit: int) -> list[dict]:
-    try:
-        records = data.load_records(source, split=split)[:limit if limit > 0 else None]
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--data: {e}")
-    for i, record in enumerate(records):
-        if not isinstance(record.get("question"), str) or data.gold_answer(record) is None:
-            raise SystemExit(f"--data: {source} record {i} needs a 'question' and an 'answer' ending in '#### N'")
-    if not records:
-        raise SystemExit(f"--data: {source} ({split}) holds no records")
-    return records
-
-
 def score(record: dict, ids: list[int], tokenizer, style: str, upev: bool = False) -> dict:
     """One line of --out: the problem, the output, how it was read and judged, its true arithmetic statements and,
     for a UPEV output, the step-aware figures (stages.metrics)."""
@@ -82,8 +69,16 @@ def main():
     # Every input is checked before the (slow) model load.
     adapter, cfg = resolve_model_flags(args)
     upev = cfg.get("format") == "upev"  # the step-aware figures, for an adapter trained in that format
-    records = load_eval_records(args.data, args.split, args.limit if args.limit is not None else
-                                cfg.get("test_samples", 50))  # 50 where the adapter's run recorded none
+    limit = args.limit if args.limit is not None else cfg.get("test_samples", 50)  # 50: the run recorded none
+    try:
+        records = data.load_records(args.data, split=args.split)[:limit if limit > 0 else None]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--data: {e}")
+    for i, record in enumerate(records):
+        if not isinstance(record.get("question"), str) or data.gold_answer(record) is None:
+            raise SystemExit(f"--data: {args.data} record {i} needs a 'question' and an 'answer' ending in '#### N'")
+    if not records:
+        raise SystemExit(f"--data: {args.data} ({args.split}) holds no records")
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     net, tokenizer = load_from_flags(args, adapter)
     if adapter is not None:
@@ -118,7 +113,8 @@ def main():
           f"{stages.ratio(sum(r['correct'] and r['compliant'] for r in rows), n)}")
     print(f"format compliance: {stages.ratio(sum(r['compliant'] for r in rows), n)}")
     print(f"mean generated tokens: {n_tokens / n:.1f}")
-    print(f"step validity (true arithmetic statements): {stages.ratio(*map(sum, zip(*(r['steps'] for r in rows))))}")
+    steps = [sum(r["steps"][i] for r in rows) for i in (0, 1)]
+    print(f"step validity (true arithmetic statements): {stages.ratio(*steps)}")
     if upev:
         print("\n".join(stages.summary(rows)))
     if args.calculator:

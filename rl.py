@@ -11,6 +11,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -222,7 +223,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in questions]
     model.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-    with autocast:  # the policy the loss computes: fp32 LoRA, matmuls in the compute dtype
+    with autocast:  # the policy the loss computes: fp32 LoRA, compute-dtype matmuls, the whole softmax (top_p 1)
         completions, sampled = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
                                         num_samples=G, generator=generator, calculator=cfg.calculator)
     model.train()
@@ -285,7 +286,7 @@ def setup(cfg: RLConfig):
     adapter, _ = resolve_model_flags(cfg)  # the model and calculator of the adapter's run where not given
     device, dtype = cfg.device, cfg.dtype
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    checkpoint = resolve_checkpoint(cfg.model)
+    path = resolve_checkpoint(cfg.model)
     records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]
     if cfg.zone:  # distill.py's difficulty counts; one entry per question
@@ -300,7 +301,7 @@ def setup(cfg: RLConfig):
     else:
         lora.inject(model, lora.TARGETS, cfg.lora_r, cfg.lora_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
-    return model, Tokenizer.from_pretrained(checkpoint), train_q, eval_q, params, optimizer, device, dtype
+    return model, Tokenizer.from_pretrained(path), train_q, eval_q, params, optimizer, device, dtype
 
 
 def main(argv=None) -> dict:
@@ -322,10 +323,9 @@ def main(argv=None) -> dict:
         line = f"step {step + 1}/{cfg.max_steps} | " + " | ".join(f"{k} {v:.4g}" for k, v in s.items())
         return s, line + (f"\nsample completion:\n{sample}\n" if (step + 1) % cfg.logging_steps == 0 else "")
 
-    def evaluate():
-        return held_out_accuracy(model, tokenizer, eval_q, cfg, autocast)
-    return loop.run(cfg, "rl.py", model, optimizer, scaler, state, train_step, evaluate if eval_q else None,
-                    score="accuracy", maximize=True, shown=("reward", "correct"))
+    evaluate = partial(held_out_accuracy, model, tokenizer, eval_q, cfg, autocast) if eval_q else None
+    return loop.run(cfg, "rl.py", model, optimizer, scaler, state, train_step, evaluate, score="accuracy",
+                    maximize=True, shown=("reward", "correct"))
 
 
 if __name__ == "__main__":
