@@ -7,7 +7,8 @@ chat.py and distill.py when the device is a CPU. Two changes, both for frozen we
    which runs the thin matmuls of decoding faster than the plain (out, in) weight. A tied lm_head gets its own
    packed copy; the embedding keeps the plain one.
 
-The measured gains are in docs/cpu.md.
+load.py applies it to each block as soon as it is loaded, and to the whole model after its adapter: packing a
+whole loaded model at once left about 0.8 GB more resident memory (docs/results.md). The gains: docs/cpu.md.
 """
 import torch
 from torch import nn
@@ -16,12 +17,11 @@ from quant import NF4Linear, replace_linears
 from tinyreason import PROJECTIONS
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(nn.Linear):
     """y = x W^T + b through oneDNN, W prepacked. Inference only: no backward, no merge."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear.in_features, linear.out_features, bias=False, device="meta")
         self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach()), requires_grad=False)
         self.bias = linear.bias
 
@@ -35,14 +35,13 @@ def dense(layer: NF4Linear) -> nn.Linear:
     return plain
 
 
-def for_inference(model: nn.Module) -> nn.Module:
-    """The model, in place, with its NF4 weights dequantized and its frozen 16/32-bit weights packed."""
-    packs = torch.backends.mkldnn.is_available()
-
+def for_inference(module: nn.Module) -> nn.Module:
+    """The module with its NF4 weights dequantized and its frozen 16/32-bit weights packed, in place; a linear
+    layer itself (the lm_head) comes back replaced."""
     def replace(name, child):
         layer = dense(child) if isinstance(child, NF4Linear) else child
-        if (packs and name in (*PROJECTIONS, "lm_head", "base") and type(layer) is nn.Linear
-                and layer.weight.dtype in (torch.bfloat16, torch.float32)):
+        if (torch.backends.mkldnn.is_available() and name in (*PROJECTIONS, "lm_head", "base")
+                and type(layer) is nn.Linear and layer.weight.dtype in (torch.bfloat16, torch.float32)):
             return PackedLinear(layer)
         return layer if layer is not child else None
-    return replace_linears(model, replace)
+    return (replace("lm_head", module) or module) if isinstance(module, nn.Linear) else replace_linears(module, replace)

@@ -71,12 +71,15 @@ def resolve_checkpoint(path_or_repo) -> Path:
                       f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
 
 
-def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4") -> Qwen2:
-    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded."""
+def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", inference=False) -> Qwen2:
+    """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded, and
+    for inference on a CPU each block then goes through cpu.for_inference."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
-    model = Qwen2.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device,
-                                  on_block=quantize_block if quantize == "nf4" else None)
+    on_block = quantize_block if quantize == "nf4" else None
+    if inference and torch.device(device).type == "cpu":
+        on_block = lambda block: cpu.for_inference(quantize_block(block) if quantize == "nf4" else block)  # noqa: E731
+    model = Qwen2.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device, on_block=on_block)
     print(f"loaded {path_or_repo}: {footprint_gb(model):.2f} GB of weights ({quantize} quantization, {dtype})",
           file=sys.stderr)  # stdout stays for the scripts' answers
     return model
@@ -86,10 +89,10 @@ def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenize
     """For inference: the base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base
     alone) in the model's dtype. On a CPU, cpu.for_inference then dequantizes NF4 once and packs the weights."""
     path = resolve_checkpoint(model)
-    net = load_base(path, dtype, device, quantize)
+    net = load_base(path, dtype, device, quantize, inference=True)
     if adapter is not None:
         lora.load_adapter(net, adapter, dtype)
-    if torch.device(device).type == "cpu":
+    if torch.device(device).type == "cpu":  # what loading left: the lm_head
         cpu.for_inference(net)
     return net.eval(), Tokenizer.from_pretrained(path)
 

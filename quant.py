@@ -65,7 +65,7 @@ def replace_linears(model: nn.Module, replace):
 
 def quantize_block(block: nn.Module):
     """Each of the block's seven projections, in place, as an NF4Linear (the lm_head is no projection: it stays)."""
-    replace_linears(block, lambda name, child: to_nf4(child) if name in PROJECTIONS else None)
+    return replace_linears(block, lambda name, child: to_nf4(child) if name in PROJECTIONS else None)
 
 
 def dequantize(module: nn.Module) -> torch.Tensor:

@@ -11,6 +11,7 @@ from conftest import gsm8k_records, make_checkpoint
 
 import data
 import load
+import tinyreason
 import loop
 from generate import generate, left_pad, sample
 from load import resolve_checkpoint
@@ -282,14 +283,24 @@ def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
     assert torch.equal(ours(ids), ref(ids))
 
 
+def test_our_safetensors_reader_gives_what_the_safetensors_library_gives(tmp_path):
+    from safetensors.torch import load_file, save_file
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 2).half(), "d": torch.ones(())}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = {name: read() for name, read in tinyreason.checkpoint_tensors(tmp_path).items()}
+    reference = load_file(tmp_path / "model.safetensors")
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert all(ours[k].dtype == reference[k].dtype for k in ours)
+
+
 def test_a_cut_short_or_foreign_checkpoint_file_is_named_in_the_error(tmp_path, tiny_checkpoint):
     folder = copy_checkpoint(tiny_checkpoint, tmp_path / "cut")
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file .*not fully covered"):
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* is cut short"):
         Qwen2.from_pretrained(folder)
     (folder / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"PK\x03\x04 zip!" + data[18:])
-    with pytest.raises(ValueError, match="not a readable safetensors file .*invalid JSON"):
+    with pytest.raises(ValueError, match="not a safetensors file"):
         Qwen2.from_pretrained(folder)
 
 
@@ -335,8 +346,8 @@ def test_a_sliding_window_size_that_is_not_used_and_default_rope_load(tmp_path, 
 @pytest.mark.parametrize("damage, message", [
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing \['model.layers.1.mlp.up_proj.weight'\]"),
     (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}), r"unexpected \['model.layers.0.extra.weight'\]"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight is torch.float32 \(3,\)"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int8)}), r"model.norm.weight is torch.int8"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight has shape \(3,\)"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int8)}), r"model.norm.weight is I8"),
 ])
 def test_bad_tensors_are_named(tmp_path, tiny_checkpoint, damage, message):
     bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad")
