@@ -4,12 +4,22 @@
     python chat.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct
     python chat.py --prompt "A bookstore sells 15 books on Monday and twice as many on Tuesday. How many in all?"
 """
-import argparse
+from dataclasses import dataclass
 
 import data
 import stages
+from config import parse_config
 from generate import generate, stopped
-from load import add_model_flags, load_from_flags, resolve_model_flags
+from load import ModelFlags, load_from_flags, resolve_model_flags
+
+
+@dataclass
+class ChatConfig(ModelFlags):
+    system: str = data.SYSTEM_PROMPT  # system prompt (the training one)
+    temperature: float = 0.1  # sampling temperature; 0: greedy
+    top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this much probability
+    max_new_tokens: int = 512  # an answer is cut here
+    prompt: str = None  # answer this one question and exit (no REPL)
 
 
 class StreamDecoder:
@@ -44,14 +54,7 @@ def answer(model, tokenizer, question: str, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--system", default=data.SYSTEM_PROMPT, help="system prompt (default: the training one)")
-    p.add_argument("--temperature", type=float, default=0.1, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--prompt", help="answer this one question and exit (no REPL)")
-    args = p.parse_args()
+    args = parse_config(ChatConfig, description=__doc__)
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
         raise SystemExit("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
     adapter, _ = resolve_model_flags(args)

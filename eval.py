@@ -5,10 +5,11 @@ numeric comparison, accuracy with its 95% Wilson interval, format compliance, on
     python eval.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct --prompt_style boxed   # the fair baseline
     python eval.py --data my.jsonl --limit 0 --out preds.jsonl
 """
-import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tqdm import tqdm
 
@@ -17,7 +18,21 @@ import stages
 from calculator import DONE
 from generate import generate, stopped
 from grade import extract_answer, is_compliant, is_correct, normalize, step_validity, wilson
-from load import add_model_flags, load_from_flags, resolve_model_flags
+from config import parse_config
+from load import ModelFlags, load_from_flags, resolve_model_flags
+
+
+@dataclass
+class EvalConfig(ModelFlags):
+    system: str = data.SYSTEM_PROMPT  # system prompt of the tinyreason style (the training one)
+    data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
+    split: str = "test"  # the hub dataset's split
+    limit: int = None  # problems to score; default: the training's test_samples; 0: all
+    batch_size: int = 16  # prompts per generate call
+    max_new_tokens: int = 512  # an answer is cut here
+    prompt_style: Literal["tinyreason", "boxed"] = "tinyreason"  # the training prompt, or Qwen's math prompt
+    out: str = None  # one JSON line per problem; default: preds.jsonl in the adapter folder, or in outputs/
+    report: str = None  # also write a short Markdown report to this file
 
 
 def score(record: dict, ids: list[int], tokenizer, style: str, upev: bool = False) -> dict:
@@ -51,18 +66,7 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--system", default=data.SYSTEM_PROMPT, help="system prompt (default: the training one)")
-    p.add_argument("--data", default="openai/gsm8k", help="hub dataset or local .jsonl with question/answer")
-    p.add_argument("--split", default="test")
-    p.add_argument("--limit", type=int, help="problems to score (default: the training's test_samples; 0 = all)")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=512)
-    p.add_argument("--prompt_style", choices=("tinyreason", "boxed"), default="tinyreason")
-    p.add_argument("--out", help="one JSON line per problem (default: preds.jsonl in the adapter folder, or outputs/)")
-    p.add_argument("--report", help="also write a short Markdown report to this file")
-    args = p.parse_args()
+    args = parse_config(EvalConfig, description=__doc__)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
 

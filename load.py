@@ -3,11 +3,12 @@ the precision they resolve to, a local folder or hub download, the Qwen2 base in
 
     model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", "outputs/lora_adapter", "nf4", torch.bfloat16, "cuda")
 """
-import argparse
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -97,14 +98,15 @@ def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenize
     return net.eval(), Tokenizer.from_pretrained(path)
 
 
-def add_model_flags(p: argparse.ArgumentParser, adapter=DEFAULT_ADAPTER):
-    p.add_argument("--model", help="checkpoint folder or hub id (default: the adapter's base model)")
-    p.add_argument("--adapter", default=adapter, help="adapter folder, or 'none' for the base model")
-    p.add_argument("--quantize", choices=QUANTIZE, help="base weights (default: as in training)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="default: bf16 where the hardware has it")
-    p.add_argument("--calculator", action=argparse.BooleanOptionalAction,
-                   help="after <<48/2= the calculator tool writes 24>> (default: on for an adapter trained with it)")
+@dataclass
+class ModelFlags:
+    """The model flags of eval.py and chat.py (rl.py has the same fields in its config)."""
+    model: str = None  # checkpoint folder or hub repo id; default: the adapter's base model
+    adapter: str = DEFAULT_ADAPTER  # adapter folder, or none for the base model
+    quantize: Literal["nf4", "none"] = None  # base weights; default: as the adapter was trained
+    device: str = "auto"  # cpu, cuda, ...; auto: cuda when available
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the hardware computes in it
+    calculator: bool = None  # after <<48/2= the calculator tool writes 24>>; default: as the adapter was trained
 
 
 def resolve_model_flags(args) -> tuple[Path | None, dict]:

@@ -89,14 +89,6 @@ def _train_tokenizer(path: Path):
     return tok
 
 
-@pytest.fixture(scope="session", autouse=True)
-def nf4_cache(tmp_path_factory):
-    """load.nf4_inference_base caches in a temporary folder, never in the user's ~/.cache (scripts the tests start
-    inherit it)."""
-    os.environ["TINYREASON_CACHE"] = str(tmp_path_factory.mktemp("nf4_cache"))
-    return Path(os.environ["TINYREASON_CACHE"])
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     """A folder with tokenizer.json + tokenizer_config.json (Qwen2 pre-tokenizer, ChatML specials)."""

@@ -3,7 +3,6 @@ on a tiny random checkpoint (base model and with a saved adapter).
 
     python -m pytest tests/test_eval.py -q
 """
-import argparse
 import json
 import math
 import re
@@ -12,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import config
 import data
 import eval as ev
 import grade
@@ -224,9 +224,7 @@ def test_the_calculator_is_on_for_an_adapter_trained_with_it_unless_a_flag_says(
     adapter = tmp_path / "adapter"
     lora.save_adapter(lora.inject(Qwen2.from_pretrained(tiny_checkpoint), r=4), adapter, str(tiny_checkpoint))
     (adapter / "experiment_config.json").write_text(json.dumps({"calculator": trained_with}))
-    parser = argparse.ArgumentParser()
-    load.add_model_flags(parser)
-    args = parser.parse_args(["--adapter", str(adapter), *flags])
+    args = config.parse_config(load.ModelFlags, ["--adapter", str(adapter), *flags])
     load.resolve_model_flags(args)
     assert args.calculator is on
 
