@@ -47,3 +47,17 @@ def test_the_decoding_limit_reads_every_weight_but_the_embedding_rows(tiny_check
         bandwidth_bound = 4 * hw["read_gb_s"] / hw["step_gb"]
         compute_bound = hw["gemm_tflops"] * 1e12 / (2 * n)
         assert hw["limit_tok_s"] == pytest.approx(min(bandwidth_bound, compute_bound))
+
+
+@pytest.mark.slow  # two workers load the tiny model
+def test_baseline_runs_another_checkout_s_own_side_in_place_of_the_peer(tiny_checkpoint):
+    """--baseline DIR: here the same checkout on both sides, so both generate exactly the same tokens."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(tiny_checkpoint), "--data", str(GSM8K),
+         "--steps", "0", "--rounds", "1", "--gen_batch", "2", "--gen_tokens", "8", "--dtype", "fp32",
+         "--baseline", str(ROOT)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"\| +TinyReason \| +baseline \|", out.stdout)
+    replies = re.findall(r"bench: gen_(ours|peer) run 1: tokens (\d+),", out.stdout)
+    assert len(replies) == 2 and replies[0][1] == replies[1][1]

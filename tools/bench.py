@@ -368,7 +368,8 @@ def main():
             ("rl_gen_tok_s", "GRPO rollout new tokens/s", pair("rl", "new_tokens", "rollout_s")),
             ("rl_update_tok_s", "GRPO update tokens/s (prompt+completion)", pair("rl", "update_tokens", "update_s")),
             ("rl_peak_gb", "GRPO peak memory (GB)", pair("rl", "peak_gb"))]
-    print(f"\n| {'measure':40} | {'TinyReason':>10} | {'peer':>10} | {'ratio':>6} |")
+    other = "baseline" if cfg.baseline else "peer"  # --baseline: the other checkout's side
+    print(f"\n| {'measure':40} | {'TinyReason':>10} | {other:>10} | {'ratio':>6} |")
     print(f"| {'-' * 40} | {'-' * 10}:| {'-' * 10}:| {'-' * 6}:|")
     for _, label, (ours, peer) in rows:
         if ours == ours:  # not NaN: the mode ran
