@@ -93,6 +93,13 @@ def written_in_place(final: Path, cfg):
     os.replace(tmp, final)
 
 
+def replaceable(folder: Path) -> bool:
+    """Whether an export may replace `folder`: it is not there, or it is an adapter an earlier export wrote (its
+    adapter and config, no training state). Never the output_dir, a parent folder or a model."""
+    return not folder.exists() or (folder.is_dir() and (folder / "adapter_config.json").is_file()
+                                   and (folder / CONFIG_FILE).is_file() and not (folder / "training_state.pt").exists())
+
+
 def discard(folder: Path):
     trash = folder.with_name(".del-" + folder.name)  # renamed first: never listed half-deleted
     os.replace(folder, trash)

@@ -189,6 +189,9 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
         problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "
                         "or choose another --output_dir")
+    if not checkpoint.replaceable(Path(cfg.adapter_path)):
+        problems.append(f"--adapter_path {cfg.adapter_path} exists and is not an adapter an earlier run exported: it "
+                        "would be replaced, so choose another --adapter_path")
     return problems
 
 
