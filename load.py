@@ -77,9 +77,9 @@ def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", 
     for inference on a CPU each block then goes through cpu.for_inference."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE}")
-    on_block = quantize_block if quantize == "nf4" else None
-    if inference and torch.device(device).type == "cpu":
-        on_block = lambda block: cpu.for_inference(quantize_block(block) if quantize == "nf4" else block)  # noqa: E731
+    def on_block(block):  # as soon as each block is loaded: one block's 16-bit copy at a time
+        block = quantize_block(block) if quantize == "nf4" else block
+        return cpu.for_inference(block) if inference and torch.device(device).type == "cpu" else block
     model = Qwen2.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device, on_block=on_block)
     print(f"loaded {path_or_repo}: {footprint_gb(model):.2f} GB of weights ({quantize} quantization, {dtype})",
           file=sys.stderr)  # stdout stays for the scripts' answers
