@@ -8,7 +8,7 @@ chat.py and distill.py when the device is a CPU. Two changes, both for frozen we
    packed copy; the embedding keeps the plain one.
 
 load.py applies it to each block as soon as it is loaded, and to the whole model after its adapter: packing a
-whole loaded model at once left about 0.8 GB more resident memory (docs/results.md). The gains: docs/cpu.md.
+whole loaded model at once peaked 0.26 GB higher for the 0.5B (docs/results.md). The gains: docs/cpu.md.
 """
 import torch
 from torch import nn
