@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from quant import NF4Linear, replace_linears
-from tinyreason import PROJECTIONS
 
 
 class PackedLinear(nn.Linear):
@@ -40,7 +39,7 @@ def for_inference(module: nn.Module) -> nn.Module:
     layer itself (the lm_head) comes back replaced."""
     def replace(name, child):
         layer = dense(child) if isinstance(child, NF4Linear) else child
-        if (torch.backends.mkldnn.is_available() and name in (*PROJECTIONS, "lm_head", "base")
+        if (torch.backends.mkldnn.is_available() and not name.startswith(("lora_", "verify_"))  # not LoRA's own
                 and type(layer) is nn.Linear and layer.weight.dtype in (torch.bfloat16, torch.float32)):
             return PackedLinear(layer)
         return layer if layer is not child else None

@@ -140,7 +140,7 @@ def build_example(tokenizer, record: dict, calculator: bool = False) -> dict:
     for piece, by_tool in pieces(assistant) if calculator else [(assistant, False)]:
         ids = tokenizer.encode(piece)
         input_ids, labels = input_ids + ids, labels + ([IGNORE] * len(ids) if by_tool else ids)
-    return {"input_ids": input_ids + [tokenizer.im_end_id], "labels": labels + [tokenizer.im_end_id]}
+    return {"input_ids": input_ids + [tokenizer.eot_id], "labels": labels + [tokenizer.eot_id]}
 
 
 def build_examples(tokenizer, records: list[dict], max_seq_length: int, calculator: bool = False):

@@ -36,14 +36,9 @@ def left_pad(prompts, pad_id, device=None):
     return ids, mask
 
 
-def stop_tokens(tokenizer) -> list[int]:
-    """What ends a row by default: the assistant's <|im_end|>, or <|endoftext|>."""
-    return [tokenizer.im_end_id, tokenizer.pad_id]
-
-
 def stopped(ids: list[int], tokenizer) -> bool:
-    """Whether a generated row ended on a default stop token (else it was cut at the length)."""
-    return bool(ids) and ids[-1] in stop_tokens(tokenizer)
+    """Whether a generated row ended on one of the checkpoint's stop tokens (else it was cut at the length)."""
+    return bool(ids) and ids[-1] in tokenizer.stop_ids
 
 
 @torch.inference_mode()
@@ -57,7 +52,7 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     the batch decodes on: those are marked not sampled (RL does not train on them). Finished rows leave the batch,
     and a prompt's samples share its prefill. `on_token(row, token)` sees every new token but the stop."""
     device = model.lm_head.weight.device
-    stop = torch.tensor(stop_ids or stop_tokens(tokenizer), device=device)
+    stop = torch.tensor(stop_ids or tokenizer.stop_ids, device=device)
     ids, pad_mask = left_pad(prompts, tokenizer.pad_id, device)
     cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens,
                     model.model.embed_tokens.weight.dtype, device)

@@ -1,5 +1,5 @@
 """Loading a model the way every script does: the model flags (--model --adapter --quantize --dtype --device),
-the precision they resolve to, a local folder or hub download, the Qwen2 base in 16 bit or NF4, a LoRA adapter on it.
+the precision they resolve to, a local folder or hub download, the base in 16 bit or NF4, a LoRA adapter on it.
 
     model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", "outputs/lora_adapter", "nf4", torch.bfloat16, "cuda")
 """
@@ -15,7 +15,7 @@ import torch
 import cpu
 import lora
 from quant import footprint_gb, quantize_block
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -72,7 +72,7 @@ def resolve_checkpoint(path_or_repo) -> Path:
                       f"Offline? Pass a local checkpoint folder with --model /path/to/folder") from e
 
 
-def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", inference=False) -> Qwen2:
+def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", inference=False) -> Decoder:
     """The frozen base model; with quantize="nf4" each block's projections become 4-bit as soon as it is loaded, and
     for inference on a CPU each block then goes through cpu.for_inference."""
     if quantize not in QUANTIZE:
@@ -80,13 +80,13 @@ def load_base(path_or_repo, dtype=torch.bfloat16, device="cpu", quantize="nf4", 
     def on_block(block):  # as soon as each block is loaded: one block's 16-bit copy at a time
         block = quantize_block(block) if quantize == "nf4" else block
         return cpu.for_inference(block) if inference and torch.device(device).type == "cpu" else block
-    model = Qwen2.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device, on_block=on_block)
+    model = Decoder.from_pretrained(resolve_checkpoint(path_or_repo), dtype, device, on_block=on_block)
     print(f"loaded {path_or_repo}: {footprint_gb(model):.2f} GB of weights ({quantize} quantization, {dtype})",
           file=sys.stderr)  # stdout stays for the scripts' answers
     return model
 
 
-def load_model(model, adapter, quantize, dtype, device) -> tuple[Qwen2, Tokenizer]:
+def load_model(model, adapter, quantize, dtype, device) -> tuple[Decoder, Tokenizer]:
     """For inference: the base checkpoint (NF4 unless quantize="none") plus the LoRA adapter folder (None: the base
     alone) in the model's dtype. On a CPU, cpu.for_inference then dequantizes NF4 once and packs the weights."""
     path = resolve_checkpoint(model)
@@ -132,7 +132,7 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
     return adapter, run
 
 
-def load_from_flags(args, adapter: Path | None) -> tuple[Qwen2, Tokenizer]:
+def load_from_flags(args, adapter: Path | None) -> tuple[Decoder, Tokenizer]:
     """load_model for resolved flags; a missing checkpoint ends the script with the flag's name."""
     try:
         resolve_checkpoint(args.model)

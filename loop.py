@@ -154,6 +154,7 @@ class LoopConfig:
     quantize: Literal["nf4", "none"] = "nf4"  # base weights: nf4 (QLoRA) or none (16-bit LoRA)
     lora_r: int = 16  # rank of a new adapter
     lora_alpha: float = 32  # a new adapter's update is scaled by lora_alpha / lora_r
+    target_modules: tuple[str, ...] = ()  # a new adapter's projections, e.g. q_proj v_proj; empty: all of them
     max_steps: int = 250  # optimizer steps
     warmup_steps: int = 50  # linear warmup, then linear decay to 0 at max_steps
     learning_rate: float = 2e-4  # peak learning rate

@@ -16,9 +16,7 @@ import torch
 from torch import nn
 
 from quant import dequantize, replace_linears
-from tinyreason import PROJECTIONS, Qwen2
-
-TARGETS = PROJECTIONS  # all seven projections of every block
+from tinyreason import Decoder
 
 
 class LoRALinear(nn.Module):
@@ -38,14 +36,20 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scaling * self.lora_B(self.lora_A(self.dropout(x)))
 
 
-def inject(model: nn.Module, targets=TARGETS, r=16, alpha=32, dropout=0.0, dtype=torch.float32) -> nn.Module:
-    """Wrap every linear layer whose attribute name is in `targets` in a LoRALinear; freeze everything else."""
+def inject(model: nn.Module, targets=(), r=16, alpha=32, dropout=0.0, dtype=torch.float32) -> nn.Module:
+    """Wrap every linear layer whose attribute name is in `targets` (default: all of the architecture's projections)
+    in a LoRALinear; freeze everything else."""
     model.requires_grad_(False)
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if missing := sorted(set(targets) - names):
-        raise ValueError(f"target modules {missing} not found in the model (its projections: {PROJECTIONS})")
+    targets = check_targets(model.config, targets)
     return replace_linears(model, lambda name, child: LoRALinear(child, r, alpha, dropout, dtype)
                            if name in targets and isinstance(child, nn.Linear) else None)
+
+
+def check_targets(config, targets) -> tuple[str, ...]:
+    """`targets`, or all projections when empty; an error names any that the architecture does not have."""
+    if unknown := sorted(set(targets) - set(config.projections)):
+        raise ValueError(f"target modules {unknown} not found in the model (its projections: {list(config.projections)})")
+    return tuple(targets) or config.projections
 
 
 def trainable_report(model: nn.Module) -> str:
@@ -134,11 +138,11 @@ def merge(model: nn.Module) -> nn.Module:
 
 def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     """Write base (a checkpoint folder) + adapter as one Hugging Face checkpoint folder (model.safetensors,
-    config.json, tokenizer files) that transformers, vLLM or llama.cpp's GGUF converter read like any Qwen2's."""
+    config.json, tokenizer files) that transformers, vLLM or llama.cpp's GGUF converter read like the base's."""
     from safetensors.torch import save_file
     read_adapter_config(adapter_dir)  # a bad adapter fails before the base model is loaded
     src, out = Path(src), Path(out_dir)
-    model = merge(load_adapter(Qwen2.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
+    model = merge(load_adapter(Decoder.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
     # named_parameters lists a tied lm_head once, as the embedding: HF's layout, which transformers re-ties.
     tensors = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     out.mkdir(parents=True, exist_ok=True)

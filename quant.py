@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyreason import PROJECTIONS
 
 
 class FrozenNF4Matmul(torch.autograd.Function):
@@ -64,8 +63,8 @@ def replace_linears(model: nn.Module, replace):
 
 
 def quantize_block(block: nn.Module):
-    """Each of the block's seven projections, in place, as an NF4Linear (the lm_head is no projection: it stays)."""
-    return replace_linears(block, lambda name, child: to_nf4(child) if name in PROJECTIONS else None)
+    """Each of the block's projections (its linear layers), in place, as an NF4Linear."""
+    return replace_linears(block, lambda name, child: to_nf4(child) if type(child) is nn.Linear else None)
 
 
 def dequantize(module: nn.Module) -> torch.Tensor:

@@ -25,7 +25,7 @@ import lora
 import loop
 from generate import generate, stopped
 from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
-from tinyreason import token_logprobs
+from tinyreason import Config, token_logprobs
 from tokenizer import Tokenizer
 
 # The algorithms of docs/rl.md. A preset fills the fields left unset (None); a flag given always wins.
@@ -41,7 +41,7 @@ PRESETS = {
 PARTS = ("reward", "correct", "format", "reasoning")
 COMMON = dict(length_penalty=0.0, reward_weights="1.0,0.1,0.0", format="tinyreason", temperature=1.0, group_size=8)
 FIXED_ON_RESUME = ("model", "adapter", "data", "zone", "algo", "format", "calculator", "group_size", "prompts_per_step",
-                   "eval_samples", "quantize", "lora_r", "lora_alpha", "seed")
+                   "eval_samples", "quantize", "lora_r", "lora_alpha", "target_modules", "seed")
 
 
 @dataclass
@@ -287,6 +287,8 @@ def setup(cfg: RLConfig):
     device, dtype = cfg.device, cfg.dtype
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
     path = resolve_checkpoint(cfg.model)
+    if cfg.target_modules:
+        lora.check_targets(Config.from_json(path / "config.json"), cfg.target_modules)
     records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]
     if cfg.zone:  # distill.py's difficulty counts; one entry per question
@@ -299,7 +301,7 @@ def setup(cfg: RLConfig):
     if cfg.resume or adapter:  # a checkpoint's own adapter first
         lora.load_adapter(model, cfg.resume or adapter)
     else:
-        lora.inject(model, lora.TARGETS, cfg.lora_r, cfg.lora_alpha)
+        lora.inject(model, cfg.target_modules, cfg.lora_r, cfg.lora_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
     return model, Tokenizer.from_pretrained(path), train_q, eval_q, params, optimizer, device, dtype
 

@@ -112,7 +112,7 @@ def verifying(tokenizer, row: list[int], new: int) -> list[bool]:
     so the adapter is on at the same tokens in both: from the token that completes the tag line on."""
     starts, start = [], 0  # where the turn of each token begins
     for i, t in enumerate(row):
-        start = i if t == tokenizer.im_start_id else start
+        start = i if t == tokenizer.turn_start_id else start
         starts.append(start)
     return [TAGS[VERIFY] in tokenizer.decode(row[starts[p]:p + 1]) for p in range(len(row) - new, len(row))]
 

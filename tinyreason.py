@@ -1,15 +1,19 @@
-"""The model: a hand-written Qwen2 decoder, its per-token log-probabilities, and loading by Hugging Face names.
+"""The model: one hand-written decoder for Qwen2, Llama and Phi checkpoints, its per-token log-probabilities, and
+loading by Hugging Face names.
 
 Qwen2 in one breath: token embedding -> N x [RMSNorm -> grouped-query attention (q/k/v with bias, o without,
-rotary positions with theta from the config) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm ->
-lm_head (tied to the embedding in some checkpoints, separate in others). Module names are the Hugging Face
-checkpoint names, so loading is a plain name match. The tokenizer is in tokenizer.py, generation in generate.py,
-NF4 storage in quant.py, LoRA in lora.py.
+rotary positions) -> residual -> RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> lm_head (tied to the embedding in
+some checkpoints). Llama is Qwen2 without the q/k/v biases (Llama-3.1's long-context rope scaling included). Phi
+feeds one LayerNorm to attention and a GELU MLP side by side (x + attn(ln(x)) + mlp(ln(x))), rotates only part of
+each head, and has biases everywhere. Config's switches are all that differ (docs/architectures.md). Module names
+are each checkpoint's own, so loading is a plain name match. The tokenizer is in tokenizer.py, generation in
+generate.py, NF4 storage in quant.py, LoRA in lora.py.
 """
 import json
-from dataclasses import MISSING, dataclass, fields
-from functools import partial
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -17,47 +21,82 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from weights import checkpoint_tensors
+
 LOGPROB_CHUNK = 1024  # positions per lm_head call in token_logprobs: (1024, 151936) fp32 logits are 0.6 GB
 
 
 @dataclass
-class QwenConfig:
+class Config:
     vocab_size: int
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    rms_norm_eps: float = 1e-6
+    head_dim: int
+    rotary_dim: int  # the leading dims of each head that rotate: all of them, or Phi's partial_rotary_factor of them
+    norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    llama3_rope: tuple = ()  # Llama-3.1's (factor, low_freq_factor, high_freq_factor, original context); (): none
     tie_word_embeddings: bool = False
+    norm: Literal["rms", "layer"] = "rms"  # RMSNorm, or LayerNorm with a bias (Phi)
+    mlp: Literal["swiglu", "gelu"] = "swiglu"  # down(silu(gate(x)) * up(x)), or Phi's fc2(gelu(fc1(x)))
+    parallel_residual: bool = False  # Phi: x + attn(ln(x)) + mlp(ln(x)), one norm per block
+    qkv_bias: bool = False  # Qwen2, Phi: q, k and v have biases
+    bias: bool = False  # Phi: every other linear has one too, the lm_head included
+    o_proj: str = "o_proj"  # the attention output's name: Phi's checkpoints call it dense
+    final_norm: str = "norm"  # Phi: final_layernorm
 
     @property
-    def head_dim(self):
-        return self.hidden_size // self.num_attention_heads
+    def projections(self) -> tuple[str, ...]:
+        """The names of a block's linear layers: what NF4 quantizes and LoRA adapts by default."""
+        return ("q_proj", "k_proj", "v_proj", self.o_proj,
+                *(("fc1", "fc2") if self.mlp == "gelu" else ("gate_proj", "up_proj", "down_proj")))
 
     @classmethod
     def from_json(cls, path):
+        """The config of a Hugging Face config.json; a setting this decoder does not implement is refused by name."""
         raw = json.loads(Path(path).read_text())
-        if raw.get("model_type") != "qwen2":
-            raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported, TinyReason implements qwen2")
-        if "rope_theta" not in raw and "rope_parameters" in raw:  # transformers >= 5 nests it
-            raw["rope_theta"] = raw["rope_parameters"]["rope_theta"]
-        if missing := [f.name for f in fields(cls) if f.default is MISSING and f.name not in raw]:
+        kind = raw.get("model_type")
+        if kind not in ARCHITECTURES:
+            raise ValueError(f"{path}: model_type {kind!r} is not supported, TinyReason implements "
+                             f"{', '.join(ARCHITECTURES)}")
+        if missing := [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads") if k not in raw]:
             raise ValueError(f"{path}: missing {', '.join(missing)}")
-        # Settings this decoder does not implement: refuse them rather than compute another model quietly.
+        rope = {**raw, **(raw.get("rope_parameters") or {}), **(raw.get("rope_scaling") or {})}  # transformers 5 nests
         scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # "type" in older configs
         head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-        unsupported = [text for text, refused in [
-            (f"rope scaling {rope_type!r}", rope_type != "default"),
+        act = raw.get("hidden_act", "gelu_new" if kind == "phi" else "silu")
+        refused = [text for text, bad in [
+            (f"rope scaling {rope_type!r}", rope_type not in ("default", "llama3" if kind == "llama" else "default")),
             ("use_sliding_window: true", raw.get("use_sliding_window")),
-            (f"head_dim {head_dim} != hidden_size / num_attention_heads",
-             head_dim * raw["num_attention_heads"] != raw["hidden_size"])] if refused]
-        if unsupported:
-            raise ValueError(f"{path}: {'; '.join(unsupported)} is not supported by TinyReason's Qwen2")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+            ("qk_layernorm: true", raw.get("qk_layernorm")),
+            ("attention_bias: true", kind == "llama" and raw.get("attention_bias")),
+            ("mlp_bias: true", raw.get("mlp_bias")),
+            (f"hidden_act {act!r}", act != ("gelu_new" if kind == "phi" else "silu"))] if bad]
+        if refused:
+            raise ValueError(f"{path}: {'; '.join(refused)} is not supported by TinyReason's {kind}")
+        return cls(**{k: raw[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                          "num_attention_heads", "tie_word_embeddings") if k in raw},
+                   num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                   head_dim=head_dim, rotary_dim=int(head_dim * rope.get("partial_rotary_factor",
+                                                                          0.5 if kind == "phi" else 1.0)),
+                   norm_eps=raw.get("layer_norm_eps" if kind == "phi" else "rms_norm_eps", 1e-6),
+                   rope_theta=rope.get("rope_theta", 10000.0),
+                   llama3_rope=tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings"))
+                   if rope_type == "llama3" else (), **ARCHITECTURES[kind])
+
+
+ARCHITECTURES = {  # model_type -> its switches of Config
+    "qwen2": dict(qkv_bias=True),
+    "llama": dict(),
+    "phi": dict(norm="layer", mlp="gelu", parallel_residual=True, qkv_bias=True, bias=True, o_proj="dense",
+                final_norm="final_layernorm"),
+}
 
 
 class RMSNorm(nn.Module):
@@ -72,17 +111,34 @@ class RMSNorm(nn.Module):
         return self.weight * (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype)
 
 
-def rope(positions, head_dim, theta, dtype):
-    """cos, sin of shape (B, 1, T, hd) for integer positions (B, T); the two halves repeat (rotate-half layout)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    freqs = positions[..., None].float() * inv_freq  # (B, T, hd/2)
+def norm(c: Config) -> nn.Module:
+    return RMSNorm(c.hidden_size, c.norm_eps) if c.norm == "rms" else nn.LayerNorm(c.hidden_size, c.norm_eps)
+
+
+def inv_freq(c: Config) -> torch.Tensor:
+    """The rotary frequencies (rotary_dim / 2,). Llama-3.1's scaling divides those of wavelengths longer than
+    original_context / low_freq_factor by `factor`, keeps those shorter than original_context / high_freq_factor,
+    and blends the two in between."""
+    freq = 1.0 / c.rope_theta ** (torch.arange(0, c.rotary_dim, 2).float() / c.rotary_dim)
+    if not c.llama3_rope:
+        return freq
+    factor, low, high, context = c.llama3_rope
+    smooth = ((context / (2 * math.pi / freq) - low) / (high - low)).clamp(0, 1)  # from context / wavelength
+    return (1 - smooth) * freq / factor + smooth * freq
+
+
+def rope(positions, freq, dtype):
+    """cos, sin of shape (B, 1, T, rotary_dim) for integer positions (B, T); the halves repeat (rotate-half layout)."""
+    freqs = positions[..., None].float() * freq.to(positions.device)  # (B, T, rotary_dim / 2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    d = cos.shape[-1]  # Phi rotates the first d dims of each head; the rest pass through
+    x1, x2 = x[..., :d // 2], x[..., d // 2:d]
+    rotated = x[..., :d] * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return rotated if d == x.shape[-1] else torch.cat((rotated, x[..., d:]), dim=-1)
 
 
 class KVCache:
@@ -90,7 +146,7 @@ class KVCache:
     slot's token id and real-token flag. Left-padded rows all write at the same index; `keep` moves the rows still
     generating to the front, in place."""
 
-    def __init__(self, config, batch, max_len, dtype, device):
+    def __init__(self, config: Config, batch, max_len, dtype, device):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
@@ -115,13 +171,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, c: QwenConfig):
+    def __init__(self, c: Config):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=True)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=True)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.hd, c.hidden_size, bias=False)
+        self.n_head, self.n_kv, self.hd, self.o_name = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.o_proj
+        self.q_proj = nn.Linear(c.hidden_size, self.n_head * self.hd, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=c.qkv_bias)
+        setattr(self, c.o_proj, nn.Linear(self.n_head * self.hd, c.hidden_size, bias=c.bias))  # under its own name
 
     def forward(self, x, cos, sin, mask, cache, layer):
         B, T, _ = x.shape
@@ -135,30 +191,45 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.hd), k, v, attn_mask=mask).view_as(q)
         else:  # enable_gqa: each group of query heads reads its shared kv head without a copy
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+        return getattr(self, self.o_name)(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: QwenConfig):
+    def __init__(self, c: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.bias)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.bias)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
 
 
-class Block(nn.Module):
-    def __init__(self, c: QwenConfig):
+class GeluMLP(nn.Module):
+    def __init__(self, c: Config):
         super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.bias)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.bias)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.input_layernorm = norm(c)
         self.self_attn = Attention(c)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = MLP(c)
+        if not c.parallel_residual:
+            self.post_attention_layernorm = norm(c)
+        self.mlp = GeluMLP(c) if c.mlp == "gelu" else MLP(c)
+        self.parallel_residual = c.parallel_residual
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        h = self.input_layernorm(x)
+        if self.parallel_residual:
+            return x + self.self_attn(h, cos, sin, mask, cache, layer) + self.mlp(h)
+        x = x + self.self_attn(h, cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -170,15 +241,15 @@ def causal_mask(real, T, offset):
     return ((k_pos <= q_pos) & real[:, None, :] | (k_pos == q_pos))[:, None]
 
 
-class Qwen2(nn.Module):
-    def __init__(self, config: QwenConfig):
+class Decoder(nn.Module):
+    def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
-            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
-            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = nn.ModuleDict({
+            "embed_tokens": nn.Embedding(config.vocab_size, config.hidden_size),
+            "layers": nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            config.final_norm: norm(config)})
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=config.bias)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
@@ -197,7 +268,7 @@ class Qwen2(nn.Module):
             cache.next_pos[:B] += real.sum(-1)
             mask = causal_mask(cache.mask[:B, :cache.len + T], T, cache.len)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = rope(positions, inv_freq(self.config), x.dtype)
         for i, block in enumerate(self.model.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
@@ -205,15 +276,15 @@ class Qwen2(nn.Module):
                 x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len += T
-        return self.model.norm(x)
+        return self.model[self.config.final_norm](x)
 
     @classmethod
     def from_pretrained(cls, folder, dtype=torch.bfloat16, device="cpu", on_block=None):
-        """Load a Hugging Face Qwen2 checkpoint folder tensor by tensor, so peak memory stays near the final model
-        size. As soon as a block or an untied lm_head is loaded, `on_block(module)` gives the module to keep in its
-        place (quant.py makes a block 4-bit there)."""
+        """Load a Hugging Face checkpoint folder tensor by tensor, so peak memory stays near the final model size. As
+        soon as all of a block's or an untied lm_head's tensors are in, `on_block(module)` gives the module to keep
+        in its place (quant.py makes a block 4-bit there)."""
         folder = Path(folder)
-        config = QwenConfig.from_json(folder / "config.json")
+        config = Config.from_json(folder / "config.json")
         with torch.device("meta"):
             model = cls(config)
         expected = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
@@ -221,60 +292,29 @@ class Qwen2(nn.Module):
         tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
         missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected) - tied)
         if missing or unexpected:
-            raise ValueError(f"{folder}: tensors do not match a Qwen2 model of its config.json: "
+            raise ValueError(f"{folder}: tensors do not match a model of its config.json: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         # The lm_head, the largest tensor, first: a copy on_block makes of it exists while little else is loaded.
-        for name in tqdm(sorted(expected, key=lambda n: n != "lm_head.weight"), desc="loading", leave=False):
+        order = sorted(expected, key=lambda n: not n.startswith("lm_head."))
+        last = {unit(n): n for n in order if unit(n)}  # the last tensor of each block and of the lm_head
+        for name in tqdm(order, desc="loading", leave=False):
             module_name, leaf = name.rsplit(".", 1)
             module, t = model.get_submodule(module_name), tensors[name]()
             if t.shape != expected[name].shape:
                 raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
                                  f"config.json implies {tuple(expected[name].shape)}")
             setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
-            if on_block and name.endswith("mlp.down_proj.weight"):  # the block's last tensor
-                i = int(name.split(".")[2])
-                model.model.layers[i] = on_block(model.model.layers[i])
-            elif on_block and name == "lm_head.weight":
-                model.lm_head = on_block(model.lm_head)
+            if on_block and name == last.get(unit(name)):
+                model.set_submodule(unit(name), on_block(model.get_submodule(unit(name))))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
 
-def checkpoint_tensors(folder: Path) -> dict:
-    """name -> a function reading that tensor, for a single or sharded safetensors checkpoint. Safetensors is 8 bytes
-    of header length, that much JSON, then raw tensor bytes: nothing in it runs, nothing is unpickled. Named trick:
-    each tensor is read straight into its own memory, not memory-mapped as safetensors.safe_open does, whose pages
-    count as resident beside the copies (a CPU load peak 0.7 GB lower for the 0.5B: docs/results.md)."""
-    index = folder / "model.safetensors.index.json"
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    tensors = {}
-    for name in names:
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"{folder}: no {name}" + (" (listed in model.safetensors.index.json)" * index.exists()))
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            try:
-                header = json.loads(f.read(n))
-            except ValueError:
-                raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
-        header.pop("__metadata__", None)
-        tensors |= {key: partial(read_tensor, path, key, h, 8 + n) for key, h in header.items()}
-    return tensors
-
-
-def read_tensor(path: Path, key: str, h: dict, data_start: int) -> torch.Tensor:
-    dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}.get(h["dtype"])
-    if dtype is None:
-        raise ValueError(f"{path}: tensor {key} is {h['dtype']}, expected BF16, F16 or F32")
-    t = torch.empty(h["shape"], dtype=dtype)
-    start, end = h["data_offsets"]
-    with open(path, "rb") as f:
-        f.seek(data_start + start)
-        if t.numel() * t.element_size() != end - start or f.readinto(t.view(-1).view(torch.uint8).numpy()) != end - start:
-            raise ValueError(f"{path}: tensor {key} is cut short or does not match its shape {h['shape']}")
-    return t
+def unit(name: str) -> str | None:
+    """The module on_block gets a tensor's name in: model.layers.N, lm_head, or none."""
+    parts = name.split(".")
+    return ".".join(parts[:3]) if parts[:2] == ["model", "layers"] else "lm_head" if parts[0] == "lm_head" else None
 
 
 class TokenLogProb(torch.autograd.Function):

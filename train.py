@@ -24,7 +24,7 @@ import stages
 from data import IGNORE, collate, load_splits, step_batches
 from load import dtype_name, load_base, resolve_checkpoint, resolve_precision
 from loop import log
-from tinyreason import token_logprobs
+from tinyreason import Config, token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
@@ -43,7 +43,6 @@ class TrainConfig(loop.LoopConfig):
     format: Literal["plain", "upev"] = "plain"  # upev: the think block in UNDERSTAND/PLAN/EXECUTE/VERIFY stages
     stage_weights: str = ""  # e.g. 1,1,1,2: UNDERSTAND,PLAN,EXECUTE,VERIFY (+ answer) loss weights; empty: unweighted
     lora_dropout: float = 0.0  # dropout on the adapter input
-    target_modules: tuple[str, ...] = lora.TARGETS  # projections of each block that get an adapter
     verify_adapter: bool = False  # a second LoRA on the same projections, on from the VERIFY tag on (--format upev)
     verify_r: int = 16  # rank of the verification adapter
     verify_alpha: float = 32  # the verification adapter's update is scaled by verify_alpha / verify_r
@@ -66,8 +65,6 @@ def check_config(cfg: TrainConfig):
         problems.append("--format upev writes its steps without calculator calls: drop --calculator")
     if cfg.stage_weights and not ((w := config.numbers(cfg.stage_weights, 4)) and min(w) >= 0 and sum(w) > 0):
         problems.append(f"--stage_weights {cfg.stage_weights!r}: expected four weights >= 0, not all 0, e.g. 1,1,1,1")
-    if unknown := sorted(set(cfg.target_modules) - set(lora.TARGETS)):
-        problems.append(f"--target_modules {unknown}: expected a subset of {lora.TARGETS}")
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -126,7 +123,10 @@ def main(argv=None) -> dict:
     cfg = parse_config(argv)
     check_config(cfg)
     rank, world = loop.init_distributed()
-    tokenizer = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))  # a wrong --model fails before data loads
+    path = resolve_checkpoint(cfg.model)  # a wrong --model or --target_modules fails before data loads
+    if cfg.target_modules:
+        lora.check_targets(Config.from_json(path / "config.json"), cfg.target_modules)
+    tokenizer = Tokenizer.from_pretrained(path)
     loop.seed_everything(cfg.seed)
     device, dtype = resolve_precision(cfg.device, cfg.dtype)  # resolved into cfg: experiment_config.json says what ran
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)

@@ -39,7 +39,15 @@ QWEN25_TEMPLATE = (
 )
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=512)
+            num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512)
+ARCHITECTURES = {  # what each architecture's tiny checkpoint sets beyond TINY
+    "qwen2": dict(rms_norm_eps=1e-6),
+    # head_dim 32, not 64 / 4; Llama-3.1's rope scaling, whose original context makes every branch of it act
+    "llama": dict(rms_norm_eps=1e-5, head_dim=32, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64)),
+    "phi": dict(layer_norm_eps=1e-5, partial_rotary_factor=0.4, num_key_value_heads=4),  # rotates 6 of 16 dims
+}
 
 
 def pytest_configure(config):
@@ -65,7 +73,7 @@ def gsm8k_records(n):
         return [json.loads(next(f)) for _ in range(n)]
 
 
-def _train_tokenizer(path: Path):
+def _train_tokenizer(path: Path, specials=SPECIALS, config=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     # Qwen2's own pre-tokenizer (split regex + byte-level), so merges behave like the real one.
@@ -79,11 +87,11 @@ def _train_tokenizer(path: Path):
     texts = [r["question"] + "\n" + r["answer"] for r in gsm8k_records(300)]
     texts += ["<think>\n</think>\n\n**Final Answer:** You are a helpful assistant that solves math problems step-by-step.",
               "système € ’ 数学 ✓"]
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path / "tokenizer.json"))
-    (path / "tokenizer_config.json").write_text(json.dumps({
+    (path / "tokenizer_config.json").write_text(json.dumps(config or {
         "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
         "chat_template": QWEN25_TEMPLATE, "tokenizer_class": "Qwen2Tokenizer"}))
     return tok
@@ -97,16 +105,18 @@ def tokenizer_dir(tmp_path_factory):
     return path
 
 
-def make_checkpoint(path: Path, tokenizer_dir: Path, tie: bool, seed: int = 0, **overrides):
-    """Save a tiny random `transformers` Qwen2ForCausalLM (fp32) plus our tokenizer files to `path`."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def make_checkpoint(path: Path, tokenizer_dir: Path, tie: bool, seed: int = 0, model_type="qwen2", **overrides):
+    """Save a tiny random `transformers` model of `model_type` (fp32) plus the tokenizer files to `path`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    cfg = Qwen2Config(vocab_size=tok.get_vocab_size(), tie_word_embeddings=tie,
-                      bos_token_id=tok.token_to_id("<|endoftext|>"), eos_token_id=tok.token_to_id("<|im_end|>"),
-                      pad_token_id=tok.token_to_id("<|endoftext|>"), **{**TINY, **overrides})
+    eos = next(t for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>") if tok.token_to_id(t) is not None)
+    tiny = {**TINY, **ARCHITECTURES[model_type]}
+    cfg = AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), tie_word_embeddings=tie,
+                               eos_token_id=tok.token_to_id(eos), bos_token_id=tok.token_to_id("<|endoftext|>"),
+                               pad_token_id=tok.token_to_id("<|endoftext|>"), **{**tiny, **overrides})
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(cfg).float().eval()
+    model = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # HF zero-inits biases; random ones make the bias path testable
         for name, p in model.named_parameters():
             if name.endswith("bias"):
@@ -126,6 +136,53 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_tied_checkpoint(tmp_path_factory, tokenizer_dir):
     return make_checkpoint(tmp_path_factory.mktemp("tiny_tied"), tokenizer_dir, tie=True, seed=1)
+
+
+# Llama-3.2's chat template (system/user/assistant turns; the tool-calling branches left out).
+LLAMA32_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}"
+    "{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}"
+    "{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory):
+    """Llama-3's special tokens and Llama-3.2's template."""
+    path = tmp_path_factory.mktemp("llama3_tokenizer")
+    _train_tokenizer(path, LLAMA3_SPECIALS, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                                             "chat_template": LLAMA32_TEMPLATE})
+    return path
+
+
+@pytest.fixture(scope="session")
+def plain_tokenizer_dir(tmp_path_factory):
+    """Phi-2's: <|endoftext|> its only special token, no chat template."""
+    path = tmp_path_factory.mktemp("plain_tokenizer")
+    _train_tokenizer(path, ["<|endoftext|>"], {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_checkpoint(tmp_path_factory, llama3_tokenizer_dir):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_llama"), llama3_tokenizer_dir, tie=False, model_type="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_phi_checkpoint(tmp_path_factory, plain_tokenizer_dir):
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_phi"), plain_tokenizer_dir, tie=False, model_type="phi")
 
 
 @pytest.fixture(scope="session")

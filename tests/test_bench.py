@@ -37,9 +37,9 @@ def test_rl_mode_runs_both_sides_on_the_same_prompts_and_reports_parseable_keys(
 def test_the_decoding_limit_reads_every_weight_but_the_embedding_rows(tiny_checkpoint, tiny_tied_checkpoint):
     sys.path.insert(0, str(ROOT / "tools"))
     from bench import BenchConfig, hardware_limit
-    from tinyreason import Qwen2
+    from tinyreason import Decoder
     for checkpoint in (tiny_checkpoint, tiny_tied_checkpoint):
-        model = Qwen2.from_pretrained(checkpoint)
+        model = Decoder.from_pretrained(checkpoint)
         n = sum(p.numel() for p in model.parameters())
         n -= 0 if model.config.tie_word_embeddings else model.model.embed_tokens.weight.numel()
         hw = hardware_limit(BenchConfig(model=str(checkpoint), gen_batch=4), torch.device("cpu"), torch.bfloat16)

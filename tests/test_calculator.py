@@ -7,7 +7,7 @@ import torch
 import generate as gen
 from calculator import evaluate, pieces, tool_output
 from generate import generate
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 
@@ -44,7 +44,7 @@ def test_pieces_mark_what_the_tool_wrote():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    return Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    return Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
 
 
 def scripted(monkeypatch, tok, texts):

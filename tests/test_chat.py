@@ -20,7 +20,7 @@ import chat
 import data
 import generate as gen
 from generate import generate
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples?"
@@ -58,13 +58,13 @@ def test_streaming_is_byte_exact_with_the_real_tokenizer(real_model_dir):
 @pytest.fixture(scope="module")
 def expected(tiny_checkpoint):
     """The greedy answer to QUESTION, generated here in-process."""
-    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     prompt = tok.apply_chat(data.prompt_messages(QUESTION, data.SYSTEM_PROMPT))
     return tok.decode(generate(model, tok, [prompt], MAX_NEW)[0][0])
 
 
 def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):
-    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     writes = []
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
@@ -76,9 +76,9 @@ def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):
 
 
 def test_the_calculator_s_tokens_stream_like_the_model_s(tiny_checkpoint, monkeypatch):
-    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     call = iter(tok.encode("<<2+3="))
-    monkeypatch.setattr(gen, "sample", lambda logits, *a: torch.tensor([next(call, tok.im_end_id)]))
+    monkeypatch.setattr(gen, "sample", lambda logits, *a: torch.tensor([next(call, tok.eot_id)]))
     writes = []
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,

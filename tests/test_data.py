@@ -123,7 +123,7 @@ def test_labels_cover_exactly_the_assistant_turn_and_its_im_end(tokenizer):
     targets = ex["labels"][n_prompt:]
     assert IGNORE not in targets and targets == ex["input_ids"][n_prompt:]
     assert tokenizer.decode(targets[:-1]) == assistant
-    assert targets[-1] == tokenizer.im_end_id
+    assert targets[-1] == tokenizer.eot_id
     # The sequence ends at the assistant's <|im_end|>: the template's trailing newline is not kept.
     full = tokenizer.apply_chat(data.prompt_messages(question) + [{"role": "assistant", "content": assistant}],
                                 add_generation_prompt=False)

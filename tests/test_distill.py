@@ -60,7 +60,7 @@ def stub_teacher(monkeypatch):
     def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator):
         calls.append(len(prompts))
         texts = [RIGHT, LONGER, RIGHT.replace("72", "9"), RIGHT]
-        rows = [tok.encode(t) + ([tok.im_end_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
+        rows = [tok.encode(t) + ([tok.eot_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
         return rows, [[True] * len(r) for r in rows]
     monkeypatch.setattr(distill, "generate", generate)
     return calls

@@ -19,7 +19,7 @@ import load
 import lora
 from conftest import gsm8k_records
 from generate import generate
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 
@@ -189,7 +189,7 @@ def test_batched_sorted_eval_keeps_each_output_with_its_problem(tiny_checkpoint,
     out = tmp_path / "preds.jsonl"
     run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", gsm_file,
              "--limit", 3, "--out", out, "--prompt_style", "boxed")
-    model, tok = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 3
     for row, record in zip(rows, gsm8k_records(3)):
@@ -198,7 +198,7 @@ def test_batched_sorted_eval_keeps_each_output_with_its_problem(tiny_checkpoint,
 
 
 def test_eval_loads_the_adapter_and_its_experiment_config(tiny_checkpoint, gsm_file, tmp_path, monkeypatch, capsys):
-    model = lora.inject(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), r=4, alpha=8)
+    model = lora.inject(Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), r=4, alpha=8)
     torch.manual_seed(0)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.5)  # a trained-looking adapter: outputs must change
@@ -210,7 +210,7 @@ def test_eval_loads_the_adapter_and_its_experiment_config(tiny_checkpoint, gsm_f
     lines = run_eval(monkeypatch, capsys, "--adapter", adapter, "--data", gsm_file, "--out", out, "--system", system)
     assert lines[-1].endswith("/2)")  # test_samples from the config; the model from adapter_config.json
     tok = Tokenizer.from_pretrained(tiny_checkpoint)
-    base = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    base = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     for row, record in zip((json.loads(line) for line in out.read_text().splitlines()), gsm8k_records(2)):
         prompt = tok.apply_chat([{"role": "system", "content": system}, {"role": "user", "content": record["question"]}])
         assert row["output"] == greedy(model, tok, prompt)
@@ -222,7 +222,7 @@ def test_eval_loads_the_adapter_and_its_experiment_config(tiny_checkpoint, gsm_f
 def test_the_calculator_is_on_for_an_adapter_trained_with_it_unless_a_flag_says(tiny_checkpoint, tmp_path,
                                                                                  trained_with, flags, on):
     adapter = tmp_path / "adapter"
-    lora.save_adapter(lora.inject(Qwen2.from_pretrained(tiny_checkpoint), r=4), adapter, str(tiny_checkpoint))
+    lora.save_adapter(lora.inject(Decoder.from_pretrained(tiny_checkpoint), r=4), adapter, str(tiny_checkpoint))
     (adapter / "experiment_config.json").write_text(json.dumps({"calculator": trained_with}))
     args = config.parse_config(load.ModelFlags, ["--adapter", str(adapter), *flags])
     load.resolve_model_flags(args)
@@ -233,7 +233,7 @@ def test_the_calculator_is_on_for_an_adapter_trained_with_it_unless_a_flag_says(
 def no_model_load(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
-    monkeypatch.setattr(Qwen2, "from_pretrained", fail)
+    monkeypatch.setattr(Decoder, "from_pretrained", fail)
 
 
 def test_missing_adapter_folder_is_reported_before_loading(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):

@@ -62,6 +62,8 @@ def test_a_fresh_run_into_an_output_dir_with_checkpoints_is_refused(tmp_path):
 
 
 class Toy(nn.Module):
+    config = SimpleNamespace(projections=("q_proj",))
+
     def __init__(self):
         super().__init__()
         self.q_proj = nn.Linear(4, 4)

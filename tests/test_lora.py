@@ -16,7 +16,7 @@ from conftest import ROOT
 import lora
 from load import load_base
 from quant import NF4Linear
-from tinyreason import PROJECTIONS, Qwen2, QwenConfig
+from tinyreason import ARCHITECTURES, Config, Decoder
 
 
 def load(checkpoint, quantize="none"):
@@ -48,7 +48,7 @@ def count(report):
     return int(trainable.replace(",", "")), int(total.replace(",", ""))
 
 
-def closed_formula(c: QwenConfig, r):
+def closed_formula(c: Config, r):
     """r * (d_in + d_out) summed over the seven projections of every block."""
     h, i = c.hidden_size, c.intermediate_size
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -72,7 +72,7 @@ def test_inject_wraps_every_target_and_freezes_everything_else(tiny_checkpoint):
 
 
 def test_lora_weights_train_in_fp32_and_autocast_keeps_the_base_dtype(tiny_checkpoint):
-    model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
+    model = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
     layer = lora.inject(model, r=4, alpha=8).model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -81,7 +81,7 @@ def test_lora_weights_train_in_fp32_and_autocast_keeps_the_base_dtype(tiny_check
 
 def test_an_adapter_loaded_for_inference_takes_the_model_dtype(tiny_checkpoint, tmp_path):
     lora.save_adapter(with_trained_adapter(load(tiny_checkpoint)), tmp_path / "adapter")
-    model = lora.load_adapter(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16), tmp_path / "adapter",
+    model = lora.load_adapter(Decoder.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16), tmp_path / "adapter",
                               torch.bfloat16)
     layer = model.model.layers[0].self_attn.q_proj
     assert layer.lora_A.weight.dtype == torch.bfloat16
@@ -100,10 +100,11 @@ def test_trainable_count_is_r_times_din_plus_dout_over_wrapped_layers(tiny_check
 
 def test_qwen25_1p5b_at_r16_trains_18_5m_parameters_not_1_3m():
     # Qwen2.5-1.5B's shapes, built on the meta device: no memory, no download.
-    config = QwenConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    config = Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                    num_attention_heads=12, num_key_value_heads=2, head_dim=128, rotary_dim=128, tie_word_embeddings=True,
+                    **ARCHITECTURES["qwen2"])
     with torch.device("meta"):
-        model = lora.inject(Qwen2(config), r=16, alpha=32)
+        model = lora.inject(Decoder(config), r=16, alpha=32)
     report = lora.trainable_report(model)
     trainable, total = count(report)
     assert trainable == closed_formula(config, r=16) == 18_464_768
@@ -186,12 +187,17 @@ def test_adapter_is_saved_with_peft_names_and_config(tiny_checkpoint, tmp_path):
 
 
 def hf_model(checkpoint):
-    from transformers import Qwen2ForCausalLM
-    return Qwen2ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
-def test_peft_loads_our_adapter_and_gives_our_logits(tiny_checkpoint, tmp_path):
+EVERY_ARCHITECTURE = ["tiny_checkpoint", "tiny_llama_checkpoint", "tiny_phi_checkpoint"]
+
+
+@pytest.mark.parametrize("fixture", EVERY_ARCHITECTURE)
+def test_peft_loads_our_adapter_and_gives_our_logits(request, fixture, tmp_path):
     from peft import PeftModel
+    tiny_checkpoint = request.getfixturevalue(fixture)
     model = with_trained_adapter(load(tiny_checkpoint))
     lora.save_adapter(model, tmp_path, str(tiny_checkpoint))
     with warnings.catch_warnings(record=True) as caught:
@@ -203,10 +209,13 @@ def test_peft_loads_our_adapter_and_gives_our_logits(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(peft_model(ids).logits, logits(model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_adapter_made_by_peft_loads_into_ours_with_peft_logits(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("fixture", EVERY_ARCHITECTURE)
+def test_adapter_made_by_peft_loads_into_ours_with_peft_logits(request, fixture, tmp_path):
     from peft import LoraConfig, get_peft_model
+    tiny_checkpoint = request.getfixturevalue(fixture)
     torch.manual_seed(0)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM",
+    targets = ["q_proj", "v_proj", load(tiny_checkpoint).config.projections[-1]]  # down_proj, or Phi's fc2
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM",
                         init_lora_weights=False)  # random B, so the adapter changes the output
     peft_model = get_peft_model(hf_model(tiny_checkpoint), config).eval()
     peft_model.save_pretrained(tmp_path)
@@ -217,7 +226,7 @@ def test_adapter_made_by_peft_loads_into_ours_with_peft_logits(tiny_checkpoint, 
         torch.testing.assert_close(logits(model, ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fixture", ["tiny_checkpoint", "tiny_tied_checkpoint"])
+@pytest.mark.parametrize("fixture", [*EVERY_ARCHITECTURE, "tiny_tied_checkpoint"])
 def test_merged_export_loads_in_transformers_with_adapter_logits(request, fixture, tmp_path):
     checkpoint = request.getfixturevalue(fixture)
     model = with_trained_adapter(load(checkpoint))
@@ -260,7 +269,7 @@ def test_rank_in_config_that_does_not_fit_the_tensors_names_the_tensor(tiny_chec
 
 
 def test_target_module_not_in_the_model_is_a_clear_error(tiny_checkpoint, tmp_path):
-    saved_adapter(tiny_checkpoint, tmp_path, target_modules=[*PROJECTIONS, "c_attn"])
+    saved_adapter(tiny_checkpoint, tmp_path, target_modules=["q_proj", "c_attn"])
     with pytest.raises(ValueError, match=r"target modules \['c_attn'\] not found"):
         lora.load_adapter(load(tiny_checkpoint), tmp_path)
 

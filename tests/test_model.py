@@ -11,11 +11,11 @@ from conftest import gsm8k_records, make_checkpoint
 
 import data
 import load
-import tinyreason
+import weights
 import loop
 from generate import generate, left_pad, sample
 from load import resolve_checkpoint
-from tinyreason import KVCache, Qwen2, QwenConfig
+from tinyreason import KVCache, Decoder, Config
 from tokenizer import Tokenizer
 
 
@@ -28,8 +28,8 @@ def greedy(model, tok, prompts, n, **kw):
 
 
 def hf_model(path, dtype=torch.float32):
-    from transformers import Qwen2ForCausalLM
-    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def questions(tok, n=4):
@@ -38,21 +38,24 @@ def questions(tok, n=4):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    return Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu"), Tokenizer.from_pretrained(tiny_checkpoint)
+    return Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu"), Tokenizer.from_pretrained(tiny_checkpoint)
 
 
-@pytest.mark.parametrize("which", ["tiny_checkpoint", "tiny_tied_checkpoint"])
+EVERY_ARCHITECTURE = ["tiny_checkpoint", "tiny_tied_checkpoint", "tiny_llama_checkpoint", "tiny_phi_checkpoint"]
+
+
+@pytest.mark.parametrize("which", EVERY_ARCHITECTURE)
 def test_logits_match_transformers(which, request):
     path = request.getfixturevalue(which)
-    ours, ref = Qwen2.from_pretrained(path, dtype=torch.float32, device="cpu"), hf_model(path)
+    ours, ref = Decoder.from_pretrained(path, dtype=torch.float32, device="cpu"), hf_model(path)
     ids = torch.randint(0, ours.config.vocab_size, (2, 33))
     with torch.no_grad():
         assert (logits(ours, ids) - ref(ids).logits).abs().max() < 1e-4
 
 
 def test_tied_checkpoint_shares_embedding_and_lm_head(tiny_tied_checkpoint, tiny_checkpoint):
-    tied = Qwen2.from_pretrained(tiny_tied_checkpoint, dtype=torch.float32, device="cpu")
-    untied = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    tied = Decoder.from_pretrained(tiny_tied_checkpoint, dtype=torch.float32, device="cpu")
+    untied = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
@@ -93,7 +96,7 @@ def test_left_padded_prefill_in_the_cache_matches_transformers(tiny, tiny_checkp
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
-    model = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu").train()
+    model = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu").train()
     ids = torch.randint(0, model.config.vocab_size, (2, 16))
     grads = []
     for ckpt in (False, True):
@@ -149,7 +152,7 @@ def sharp_checkpoint(tmp_path_factory, tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def sharp(sharp_checkpoint):
-    return Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(sharp_checkpoint)
+    return Decoder.from_pretrained(sharp_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(sharp_checkpoint)
 
 
 def test_left_padded_greedy_equals_each_prompt_alone(sharp):
@@ -165,14 +168,14 @@ def test_left_padded_greedy_equals_each_prompt_alone(sharp):
 def test_fp32_greedy_on_cuda_equals_greedy_on_the_cpu(sharp, sharp_checkpoint):
     model, tok = sharp
     prompts = questions(tok, 3)
-    gpu = Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
+    gpu = Decoder.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
     assert greedy(gpu, tok, prompts, 24) == greedy(model, tok, prompts, 24)
 
 
 @pytest.mark.cuda
 def test_right_padded_rows_on_cuda_get_the_logits_of_each_row_alone(sharp, sharp_checkpoint):
     _, tok = sharp
-    model = Qwen2.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
+    model = Decoder.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
     prompt = questions(tok, 1)[0]
     prompts = [prompt, prompt[:9]]
     batch = {k: v.cuda() for k, v in right_padded(prompts, tok.pad_id).items()}
@@ -187,7 +190,7 @@ def test_cached_greedy_equals_naive_greedy(tiny):
     model, tok = tiny
     prompts = questions(tok, 2)
     with torch.no_grad():
-        assert greedy(model, tok, prompts, 12) == [naive_greedy(model, p, 12, (tok.im_end_id, tok.pad_id)) for p in prompts]
+        assert greedy(model, tok, prompts, 12) == [naive_greedy(model, p, 12, tok.stop_ids) for p in prompts]
 
 
 def test_batched_greedy_equals_one_by_one_even_when_rows_stop_early(tiny):
@@ -196,20 +199,22 @@ def test_batched_greedy_equals_one_by_one_even_when_rows_stop_early(tiny):
     # A random model seldom emits <|im_end|>: also stop at a token that some rows emit and others never do,
     # so rows leave the batch mid-way.
     first = greedy(model, tok, prompts, 30)
-    stop = [tok.im_end_id, min(t for row in first for t in row if any(t not in other for other in first))]
+    stop = [tok.eot_id, min(t for row in first for t in row if any(t not in other for other in first))]
     batched = greedy(model, tok, prompts, 30, stop_ids=stop)
     assert len({len(o) for o in batched}) > 1, "rows should stop at different steps"
     assert batched == [greedy(model, tok, [p], 30, stop_ids=stop)[0] for p in prompts]
 
 
-def test_greedy_matches_transformers_generate(tiny, tiny_checkpoint):
-    model, tok = tiny
+@pytest.mark.parametrize("which", EVERY_ARCHITECTURE)
+def test_greedy_matches_transformers_generate(which, request):
+    path = request.getfixturevalue(which)
+    model, tok = Decoder.from_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
     prompts = questions(tok, 3)
     ids, mask = left_pad(prompts, tok.pad_id)
-    out = hf_model(tiny_checkpoint).generate(ids, attention_mask=mask.long(), max_new_tokens=16, do_sample=False,
-                                             eos_token_id=[tok.im_end_id, tok.pad_id], pad_token_id=tok.pad_id)
+    out = hf_model(path).generate(ids, attention_mask=mask.long(), max_new_tokens=16, do_sample=False,
+                                  eos_token_id=tok.stop_ids, pad_token_id=tok.pad_id)
     ref = [[t for t in row[ids.shape[1]:].tolist()] for row in out]
-    ref = [r[:next((i + 1 for i, t in enumerate(r) if t in (tok.im_end_id, tok.pad_id)), len(r))] for r in ref]
+    ref = [r[:next((i + 1 for i, t in enumerate(r) if t in tok.stop_ids), len(r))] for r in ref]
     assert greedy(model, tok, prompts, 16) == ref  # a row that stopped ends with its stop token
 
 
@@ -218,7 +223,7 @@ def test_on_token_streams_every_new_token_in_order(tiny):
     prompts = questions(tok, 2)
     seen = [[], []]
     out = greedy(model, tok, prompts, 10, on_token=lambda row, t: seen[row].append(t))
-    assert seen == [row[:-1] if row[-1] in (tok.im_end_id, tok.pad_id) else row for row in out]  # not the stop
+    assert seen == [row[:-1] if row[-1] in tok.stop_ids else row for row in out]  # not the stop
 
 
 def test_sampling_is_seeded_and_top_p_near_zero_is_greedy(tiny):
@@ -277,8 +282,8 @@ def test_decode_inverts_encode_for_non_ascii(tiny):
 def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
     hf_model(tiny_checkpoint).save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = Qwen2.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
-    ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    ours = Decoder.from_pretrained(tmp_path, dtype=torch.float32, device="cpu")
+    ref = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     ids = torch.randint(0, ref.config.vocab_size, (1, 9))
     assert torch.equal(ours(ids), ref(ids))
 
@@ -287,7 +292,7 @@ def test_our_safetensors_reader_gives_what_the_safetensors_library_gives(tmp_pat
     from safetensors.torch import load_file, save_file
     tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 2).half(), "d": torch.ones(())}
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    ours = {name: read() for name, read in tinyreason.checkpoint_tensors(tmp_path).items()}
+    ours = {name: read() for name, read in weights.checkpoint_tensors(tmp_path).items()}
     reference = load_file(tmp_path / "model.safetensors")
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
     assert all(ours[k].dtype == reference[k].dtype for k in ours)
@@ -298,10 +303,10 @@ def test_a_cut_short_or_foreign_checkpoint_file_is_named_in_the_error(tmp_path, 
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:-100])
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* is cut short"):
-        Qwen2.from_pretrained(folder)
+        Decoder.from_pretrained(folder)
     (folder / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"PK\x03\x04 zip!" + data[18:])
     with pytest.raises(ValueError, match="not a safetensors file"):
-        Qwen2.from_pretrained(folder)
+        Decoder.from_pretrained(folder)
 
 
 def copy_checkpoint(src, dst):
@@ -325,22 +330,26 @@ def config_with(tmp_path, tiny_checkpoint, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"model_type": "llama"}, "model_type 'llama' is not supported"),
+    ({"model_type": "mistral"}, "model_type 'mistral' is not supported, TinyReason implements qwen2, llama, phi"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling 'yarn' is not supported"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear' is not supported"),  # older key
     ({"use_sliding_window": True, "sliding_window": 32}, "use_sliding_window: true is not supported"),
-    ({"head_dim": 32}, "head_dim 32 != hidden_size / num_attention_heads is not supported"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}, "rope scaling 'yarn' is not supported by TinyReason's llama"),
+    ({"model_type": "llama", "attention_bias": True}, "attention_bias: true is not supported"),
+    ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+    ({"model_type": "phi", "hidden_act": "gelu_new", "qk_layernorm": True}, "qk_layernorm: true is not supported by TinyReason's phi"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling 'llama3' is not supported by TinyReason's qwen2"),
 ])
 def test_configs_this_decoder_does_not_implement_are_refused_by_name(tmp_path, tiny_checkpoint, changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        QwenConfig.from_json(config_with(tmp_path, tiny_checkpoint, **changes))
+        Config.from_json(config_with(tmp_path, tiny_checkpoint, **changes))
 
 
 def test_a_sliding_window_size_that_is_not_used_and_default_rope_load(tmp_path, tiny_checkpoint):
     """Qwen2 configs carry sliding_window with use_sliding_window false; rope_scaling may name the default."""
     path = config_with(tmp_path, tiny_checkpoint, use_sliding_window=False, sliding_window=4096,
                        rope_scaling={"rope_type": "default"})
-    assert QwenConfig.from_json(path) == QwenConfig.from_json(tiny_checkpoint / "config.json")
+    assert Config.from_json(path) == Config.from_json(tiny_checkpoint / "config.json")
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -353,7 +362,7 @@ def test_bad_tensors_are_named(tmp_path, tiny_checkpoint, damage, message):
     bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad")
     edit_tensors(bad, damage)
     with pytest.raises(ValueError, match=message):
-        Qwen2.from_pretrained(bad, dtype=torch.float32, device="cpu")
+        Decoder.from_pretrained(bad, dtype=torch.float32, device="cpu")
 
 
 def test_missing_folder_and_files_are_named(tmp_path, tiny_checkpoint):
@@ -392,7 +401,7 @@ def test_a_path_that_looks_local_is_not_sent_to_the_hub(tmp_path, monkeypatch, n
 @pytest.mark.real
 def test_real_checkpoint_matches_transformers(real_model_dir):
     """bf16, as it runs: logits equal transformers' and greedy continuations are identical for 3 GSM8K prompts."""
-    model = Qwen2.from_pretrained(real_model_dir, dtype=torch.bfloat16, device="cpu")
+    model = Decoder.from_pretrained(real_model_dir, dtype=torch.bfloat16, device="cpu")
     tok = Tokenizer.from_pretrained(real_model_dir)
     ref = hf_model(real_model_dir, torch.bfloat16)
     prompts = questions(tok, 3)
@@ -403,4 +412,4 @@ def test_real_checkpoint_matches_transformers(real_model_dir):
             assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     for p, ours in zip(prompts, [greedy(model, tok, [p], 32)[0] for p in prompts]):
         out = ref.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False)[0, len(p):].tolist()
-        assert ours == out[:len(ours)] and (len(ours) == 32 or ours[-1] in (tok.im_end_id, tok.pad_id))
+        assert ours == out[:len(ours)] and (len(ours) == 32 or ours[-1] in tok.stop_ids)

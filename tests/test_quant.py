@@ -9,7 +9,7 @@ from torch import nn
 
 from load import load_base
 from quant import NF4Linear, dequantize, footprint_gb, to_nf4
-from tinyreason import PROJECTIONS, Qwen2
+from tinyreason import Decoder
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -76,11 +76,12 @@ def test_dequantize_of_a_plain_linear_is_its_weight():
     assert torch.equal(dequantize(linear), linear.weight)
 
 
-def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoint):
-    model = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
+@pytest.mark.parametrize("fixture, n", [("tiny_checkpoint", 7), ("tiny_llama_checkpoint", 7), ("tiny_phi_checkpoint", 6)])
+def test_loading_with_nf4_quantizes_exactly_the_projections_of_the_architecture(request, fixture, n):
+    model = load_base(request.getfixturevalue(fixture), dtype=torch.bfloat16, device="cpu", quantize="nf4")
     quantized = {name for name, m in model.named_modules() if isinstance(m, NF4Linear)}
-    assert quantized == {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in PROJECTIONS}
-    assert len(quantized) == 7 * model.config.num_hidden_layers
+    assert quantized == {name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in model.config.projections}
+    assert len(quantized) == n * model.config.num_hidden_layers
     for name, p in model.named_parameters():
         module, leaf = name.rsplit(".", 1)
         if module not in quantized or leaf == "bias":
@@ -89,7 +90,7 @@ def test_loading_with_nf4_quantizes_exactly_the_seven_projections(tiny_checkpoin
 
 def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
     nf4 = load_base(tiny_checkpoint, dtype=torch.float32, device="cpu", quantize="nf4")
-    ref = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
+    ref = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32, device="cpu")
     for name, m in nf4.named_modules():
         if isinstance(m, NF4Linear):
             ref.get_submodule(name).weight.data = dequantize(m)
@@ -99,7 +100,7 @@ def test_nf4_model_equals_16bit_model_with_dequantized_weights(tiny_checkpoint):
 
 
 def test_footprint_counts_nf4_weights_at_half_a_byte_plus_scales(tiny_checkpoint):
-    bf16 = Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
+    bf16 = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16, device="cpu")
     nf4 = load_base(tiny_checkpoint, dtype=torch.bfloat16, device="cpu", quantize="nf4")
     n_quantized = sum(m.weight.quant_state.shape.numel() for m in nf4.modules() if isinstance(m, NF4Linear))
     n_blocks, n_layers = n_quantized // 64, 7 * nf4.config.num_hidden_layers

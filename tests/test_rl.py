@@ -19,7 +19,7 @@ import lora
 import rl
 import tinyreason
 from generate import generate
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 THINK = "<think>\n48/2 = 24\n48+24 = 72\n</think>\n\n**Final Answer:** "
@@ -137,7 +137,7 @@ def test_answer_tag_and_boxed_styles_read_their_own_span():
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_checkpoint):
     torch.manual_seed(0)
-    model = lora.inject(Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.float32), r=4, alpha=8)
+    model = lora.inject(Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), r=4, alpha=8)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.05)
     return model.train(), Tokenizer.from_pretrained(tiny_checkpoint)
@@ -145,7 +145,7 @@ def model_and_tok(tiny_checkpoint):
 
 def rows(tok, n=3):
     prompts = [tok.apply_chat([{"role": "user", "content": r["question"][:60]}]) for r in gsm8k_records(n)]
-    completions = [tok.encode(t) + [tok.im_end_id] for t in ("<think>\n1+1 = 2", "x", "**Final Answer:** 7")][:n]
+    completions = [tok.encode(t) + [tok.eot_id] for t in ("<think>\n1+1 = 2", "x", "**Final Answer:** 7")][:n]
     return prompts, completions
 
 
@@ -266,12 +266,12 @@ def test_seeded_sampling_repeats_and_stopped_rows_end_with_their_stop_token(mode
     model, tok = model_and_tok
     prompts, _ = rows(tok, 2)
     runs = [generate(model.eval(), tok, prompts, 40, temperature=1.0, num_samples=4,
-                     stop_ids=[tok.im_end_id, tok.encode("e")[0]], generator=torch.Generator().manual_seed(7))[0]
+                     stop_ids=[tok.eot_id, tok.encode("e")[0]], generator=torch.Generator().manual_seed(7))[0]
             for _ in range(2)]
     model.train()
     assert runs[0] == runs[1]
     stopped = [c for c in runs[0] if len(c) < 40]
-    assert stopped and all(c[-1] in (tok.im_end_id, tok.encode("e")[0]) for c in stopped)
+    assert stopped and all(c[-1] in (tok.eot_id, tok.encode("e")[0]) for c in stopped)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import stages
 import train
 from data import IGNORE
 from load import load_model
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 NATALIA = {
@@ -59,7 +59,7 @@ def upev_examples(tokenizer):
 def lora_model(checkpoint, verify=False):
     """fp32 tiny model whose adapters' B are random, so every adapter weight gets a gradient."""
     torch.manual_seed(0)
-    model = lora.inject(Qwen2.from_pretrained(checkpoint, dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    model = lora.inject(Decoder.from_pretrained(checkpoint, dtype=torch.float32, device="cpu"), r=4, alpha=8)
     if verify:
         stages.add_verify_adapter(model, Tokenizer.from_pretrained(checkpoint), r=2, alpha=4)
     for name, p in model.named_parameters():
@@ -113,7 +113,7 @@ def test_each_stage_starts_at_the_token_completing_its_tag_and_the_end_counts_in
     n = ex["labels"].index(ex["input_ids"][-len(tokenizer.encode(NATALIA_UPEV)) - 1])
     ids = ex["input_ids"][n:]
     assert tokenizer.decode(ids) == NATALIA_UPEV and ex["labels"][:n] == [IGNORE] * n
-    st = stages.token_stages(tokenizer, ids + [tokenizer.im_end_id])
+    st = stages.token_stages(tokenizer, ids + [tokenizer.eot_id])
     ends = [NATALIA_UPEV.index(tag) + len(tag) - 1 for tag in stages.TAGS[1:]]  # the tag line's "\n" is one token
     expected = [NATALIA_UPEV[a:b] for a, b in zip([0, *ends], [*ends, len(NATALIA_UPEV)])]
     for stage, text in enumerate(expected):

@@ -22,7 +22,7 @@ import loop
 import tinyreason
 import train
 from data import IGNORE
-from tinyreason import Qwen2
+from tinyreason import Decoder
 from tokenizer import Tokenizer
 
 
@@ -49,7 +49,7 @@ def examples(tiny_checkpoint):
 def lora_model(checkpoint_dir):
     """fp32 tiny model with adapters whose B is random, so every LoRA weight gets a gradient."""
     torch.manual_seed(0)
-    model = lora.inject(Qwen2.from_pretrained(checkpoint_dir, dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    model = lora.inject(Decoder.from_pretrained(checkpoint_dir, dtype=torch.float32, device="cpu"), r=4, alpha=8)
     for m in lora.lora_modules(model).values():
         torch.nn.init.normal_(m.lora_B.weight, std=0.02)
     return model.train()
@@ -179,7 +179,7 @@ def test_tiny_run_lowers_the_loss_and_writes_a_loadable_adapter(learnable_checkp
     saved, best_saved = adapter_tensors(adapter), adapter_tensors(tmp_path / f"checkpoint-{best:06d}")
     assert all(t.dtype == torch.float32 for t in saved.values())  # LoRA weights stay fp32 under bf16 autocast
     assert saved.keys() == best_saved.keys() and all(torch.equal(t, best_saved[k]) for k, t in saved.items())
-    model = lora.load_adapter(Qwen2.from_pretrained(learnable_checkpoint, dtype=torch.float32, device="cpu"), adapter)
+    model = lora.load_adapter(Decoder.from_pretrained(learnable_checkpoint, dtype=torch.float32, device="cpu"), adapter)
     assert all(torch.equal(p, saved[k]) for k, p in lora.lora_state_dict(model).items())
 
 

@@ -107,12 +107,13 @@ def peer_qlora(cfg, device, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from load import resolve_checkpoint
-    from tinyreason import PROJECTIONS
+    from tinyreason import Config
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
+    projections = Config.from_json(resolve_checkpoint(cfg.model) / "config.json").projections
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), quantization_config=nf4,
                                                  dtype=dtype, device_map=str(device))
-    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(PROJECTIONS)))
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(projections)))
 
 
 def train_peer(cfg, device, dtype):
@@ -138,7 +139,7 @@ def gen_peer(cfg, device, dtype):
     tok = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
     ids, mask = left_pad(gen_prompts(cfg, tok), tok.pad_id, device)
     T = ids.shape[1]
-    stop = (tok.im_end_id, tok.pad_id)
+    stop = tok.stop_ids
 
     @torch.inference_mode()
     def run(i):
@@ -253,10 +254,10 @@ def hardware_limit(cfg, device, dtype) -> dict:
     once (bytes / the read bandwidth measured now) and does 2 FLOPs per weight per row (/ the GEMM throughput
     measured now, square matrices in the compute dtype). The KV cache and activations are left out: small here."""
     from load import resolve_checkpoint
-    from tinyreason import Qwen2, QwenConfig
-    config = QwenConfig.from_json(resolve_checkpoint(cfg.model) / "config.json")
+    from tinyreason import Decoder, Config
+    config = Config.from_json(resolve_checkpoint(cfg.model) / "config.json")
     with torch.device("meta"):
-        model = Qwen2(config)
+        model = Decoder(config)
     n = sum(p.numel() for p in model.parameters())
     n -= 0 if config.tie_word_embeddings else model.model.embed_tokens.weight.numel()  # lm_head reads it if tied
 
