@@ -4,6 +4,7 @@
     python chat.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct
     python chat.py --prompt "A bookstore sells 15 books on Monday and twice as many on Tuesday. How many in all?"
 """
+import sys
 from dataclasses import dataclass
 
 import data
@@ -64,13 +65,31 @@ def main():
     if args.prompt is not None:
         return answer(model, tokenizer, args.prompt, args)
     print("Type a math problem; exit, quit or Ctrl-D to leave.")
-    try:
-        while (question := input("Problem: ").strip()).lower() not in ("exit", "quit"):
-            if question:
-                answer(model, tokenizer, question, args)
-    except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C, at the prompt or mid-answer
-        print()
+    sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte stays in its line instead of ending the input
+    while (question := ask()) is not None and question.lower() not in ("exit", "quit"):
+        if question:
+            answer(model, tokenizer, question, args)
+
+
+def ask() -> str | None:
+    """The next problem typed; None at Ctrl-D or Ctrl-C. A line that is not UTF-8 is refused, the session goes on."""
+    while True:
+        try:
+            question = input("Problem: ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return None
+        try:
+            question.encode()
+            return question
+        except UnicodeEncodeError:
+            print("[that line is not UTF-8 text: type it again]")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # mid-answer
+        print()
+    except (OSError, ValueError) as e:  # bad flags, files or checkpoints: the message alone says what to do
+        raise SystemExit(f"chat.py: {e}")

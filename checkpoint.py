@@ -3,10 +3,14 @@ experiment_config.json and training_state.pt (optimizer, grad scaler, every proc
 tensors and plain data only, so it loads with torch.load(weights_only=True). Folders are renamed into place and
 renamed away before deletion, so nobody ever sees a partial one.
 """
+import errno
 import json
+import math
 import os
 import random
+import re
 import shutil
+import socket
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +22,7 @@ import torch.distributed as dist
 import lora
 
 CONFIG_FILE = "experiment_config.json"
+CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def processes() -> tuple[int, int]:
@@ -34,12 +39,12 @@ class Checkpoints:
 
     def saved(self) -> dict[int, Path]:
         """step -> folder, oldest first."""
-        return {int(p.name[11:]): p for p in sorted(self.dir.glob("checkpoint-[0-9]*"))}
+        return {int(m[1]): p for p in sorted(self.dir.glob("checkpoint-*")) if (m := CHECKPOINT.fullmatch(p.name))}
 
     def best(self, scores: dict[int, float]) -> int:
-        """The saved step with the best score; the newest when none was scored."""
+        """The saved step with the best finite score; the newest when none has one."""
         saved = self.saved()
-        scored = [s for s in saved if s in scores]
+        scored = [s for s in saved if math.isfinite(scores.get(s, math.nan))]
         if not scored:
             return max(saved)
         return (max if self.maximize else min)(scored, key=scores.get)
@@ -55,6 +60,9 @@ class Checkpoints:
         if rank != 0:
             dist.barrier()  # until rank 0 has written it
             return final
+        if bad := [k for k, p in lora.lora_state_dict(model).items() if not torch.isfinite(p).all()]:
+            raise ValueError(f"step {state['step']}: the adapter diverged ({bad[0]} holds non-finite values), so it "
+                             f"was not saved; the last checkpoint is {self.newest()} (lower --learning_rate)")
         with written_in_place(final, cfg) as tmp:
             self.save_adapter(model, tmp, cfg.model)
             torch.save({"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "state": state,
@@ -63,6 +71,10 @@ class Checkpoints:
         if world > 1:
             dist.barrier()
         return final
+
+    def newest(self) -> Path | None:
+        saved = self.saved()
+        return saved[max(saved)] if saved else None
 
     def prune(self, scores: dict[int, float]):
         saved = self.saved()
@@ -83,11 +95,21 @@ class Checkpoints:
 
 @contextmanager
 def written_in_place(final: Path, cfg):
-    """A temporary folder to fill; with the run's config added it replaces `final` by renames."""
+    """A temporary folder to fill; with the run's config added and flushed to disk, it replaces `final` by renames.
+    If writing fails, the temporary folder goes, and a full disk is named as such."""
     tmp = final.with_name(".tmp-" + final.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    yield tmp
-    (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+    try:
+        yield tmp
+        (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+        for f in [*tmp.iterdir(), tmp]:  # on disk before the rename makes it visible: a crash leaves no torn file
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(final.parent).free < 2 ** 26
+        raise OSError(f"writing {final} failed: " + ("no space left on the device" if full else str(e))) from e
     if final.exists():
         discard(final)
     os.replace(tmp, final)
@@ -98,6 +120,56 @@ def replaceable(folder: Path) -> bool:
     adapter and config, no training state). Never the output_dir, a parent folder or a model."""
     return not folder.exists() or (folder.is_dir() and (folder / "adapter_config.json").is_file()
                                    and (folder / CONFIG_FILE).is_file() and not (folder / "training_state.pt").exists())
+
+
+def clean_leftovers(folder: Path, name: str = "*"):
+    """The .tmp-NAME and .del-NAME folders a killed save, prune or export left in `folder`."""
+    for leftover in [*folder.glob(".tmp-" + name), *folder.glob(".del-" + name)]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def overlapping(output: Path, inputs: dict[str, str]) -> list[str]:
+    """The inputs (flag -> path) that `output` is, contains or lies inside: writing it could destroy them."""
+    out = output.resolve()
+    return [flag for flag, path in inputs.items() if path and Path(path).exists() and (
+        out == (p := Path(path).resolve()) or out in p.parents or p in out.parents)]
+
+
+class RunLock:
+    """output_dir/.lock while a run writes there, naming its process and host; a lock whose process died is stale
+    and taken over. A second run on the same folder is refused in one line."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+
+    def holder(self) -> str | None:
+        """Who holds the lock, if a live process does."""
+        try:
+            owner = json.loads(self.path.read_text())
+            if owner["host"] == socket.gethostname():
+                os.kill(owner["pid"], 0)  # raises if no such process
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # no lock, a torn one, or its process is gone
+        return f"process {owner['pid']} on {owner['host']}"
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a stale lock is removed once, then taken as a fresh one
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if holder := self.holder():
+                    raise ValueError(f"--output_dir {self.path.parent} is in use by {holder}; wait for it, or choose "
+                                     "another --output_dir") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            os.close(fd)
+            return self
+        raise ValueError(f"--output_dir {self.path.parent}: could not take {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
 
 
 def discard(folder: Path):

@@ -39,6 +39,8 @@ def resolve_precision(device="auto", dtype="auto") -> tuple[torch.device, torch.
     """The --device and --dtype flags as torch objects. auto: CUDA when present; bf16 where the hardware computes
     in it, fp16 on GPUs without bf16 (T4, V100), fp32 on CPUs without bf16 instructions."""
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here (a CPU build of torch, or no GPU)")
     if dtype not in (None, "auto"):
         if device.type == "cpu" and dtype == "bf16" and not cpu_has_bf16():
             warnings.warn("--dtype bf16 on a CPU without bf16 instructions is emulated, many times slower than "

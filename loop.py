@@ -2,14 +2,16 @@
 metrics.jsonl, the common config fields and their checks, and `run`, the loop itself (resume, evaluations,
 checkpoints, Ctrl-C at a step boundary). Each script brings only its own step and evaluation.
 """
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import resource
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
 
@@ -24,6 +26,7 @@ import lora
 from load import DEFAULT_ADAPTER, DEFAULT_MODEL
 
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun), set by init_distributed
+MAX_SKIPPED = 20  # non-finite gradients in a row that stop a run: fp16's scaler halves at most 16 times from 2^16
 
 
 def log(message: str):
@@ -126,8 +129,10 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            self.path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= resumed_step))
+            kept = [line for line in read_metrics(self.path) if line["step"] <= resumed_step]
+            tmp = self.path.with_name(".tmp-" + self.path.name)  # a rename replaces it: never half rewritten
+            tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+            os.replace(tmp, self.path)
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.report = SummaryWriter(Path(cfg.output_dir) / "tensorboard").add_scalar
@@ -144,6 +149,19 @@ class Metrics:
         for key, value in figures.items():
             if self.report and isinstance(value, (int, float)):
                 self.report(key, value, step)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl; a torn last line (a run killed mid-write, a full disk) is dropped, with a note."""
+    lines, records = path.read_text().splitlines(), []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON") from None
+            log(f"{path}: dropped its last line, cut short when it was written: {line[:40]!r}")
+    return records
 
 
 @dataclass
@@ -182,6 +200,8 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     problems = [f"--{k} must be > 0 (got {getattr(cfg, k)})" for k in positive if getattr(cfg, k) <= 0]
     problems += [f"--{k} must be >= 0 (got {getattr(cfg, k)})" for k in
                  ("warmup_steps", "weight_decay", "max_grad_norm", *nonnegative) if getattr(cfg, k) < 0]
+    problems += [f"--{f.name} must be a finite number (got {getattr(cfg, f.name)})" for f in fields(cfg)
+                 if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name))]
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # the package has its name
         problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to}), or use --report_to none")
@@ -190,6 +210,13 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
         problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "
                         "or choose another --output_dir")
+    if holder := checkpoint.RunLock(cfg.output_dir).holder():
+        problems.append(f"--output_dir {cfg.output_dir} is in use by {holder}; wait for it, or choose another")
+    inputs = {"--data": cfg.data, "--model": cfg.model, "--adapter": getattr(cfg, "adapter", "")}
+    for flag in ("--output_dir", "--adapter_path"):
+        if hit := checkpoint.overlapping(Path(getattr(cfg, flag[2:])), inputs):
+            problems.append(f"{flag} {getattr(cfg, flag[2:])} is, holds or lies inside {hit[0]} "
+                            f"{inputs[hit[0]]}: writing there could destroy it")
     if not checkpoint.replaceable(Path(cfg.adapter_path)):
         problems.append(f"--adapter_path {cfg.adapter_path} exists and is not an adapter an earlier run exported: it "
                         "would be replaced, so choose another --adapter_path")
@@ -224,42 +251,53 @@ def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, eva
     with each checkpoint and returned, holds "step", the script's data position and a {step: value} dict per figure
     kept, e.g. {"loss": {1: 2.3}}. shown: the progress bar's figures.
     """
-    log(json.dumps(asdict(cfg), indent=2))  # the resolved config, as experiment_config.json records it
-    if cfg.resume:
-        state.update(checkpoint.load_training_state(Path(cfg.resume), optimizer, scaler))
-        log(f"resumed from {cfg.resume} at step {state['step']}")
-    checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize, save_adapter)
-    metrics = Metrics(cfg, state["step"])
+    lock = checkpoint.RunLock(cfg.output_dir) if RANK == 0 else contextlib.nullcontext()  # one run per folder
+    with lock:
+        if RANK == 0:  # what a killed save, prune or export left
+            checkpoint.clean_leftovers(Path(cfg.output_dir))
+            checkpoint.clean_leftovers(Path(cfg.adapter_path).parent, Path(cfg.adapter_path).name)
+        log(json.dumps(asdict(cfg), indent=2))  # the resolved config, as experiment_config.json records it
+        if cfg.resume:
+            state.update(checkpoint.load_training_state(Path(cfg.resume), optimizer, scaler))
+            log(f"resumed from {cfg.resume} at step {state['step']}")
+        checkpoints = checkpoint.Checkpoints(cfg.output_dir, cfg.save_total_limit, maximize, save_adapter)
+        metrics = Metrics(cfg, state["step"])
 
-    def record(figures: dict):
-        metrics.log(state["step"], **figures)
-        for name in figures.keys() & state.keys():
-            state[name][state["step"]] = figures[name]
+        def record(figures: dict):
+            metrics.log(state["step"], **figures)
+            for name in figures.keys() & state.keys():
+                state[name][state["step"]] = figures[name]
 
-    bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=script, dynamic_ncols=True, disable=RANK != 0)
-    with StopAtStepBoundary() as stop:
-        for step in range(state["step"], cfg.max_steps):
-            figures, line = train_step(step)
-            state["step"] = step + 1
-            record(figures)
-            bar.set_postfix({k: f"{figures[k]:.4g}" for k in shown}, refresh=False)
-            bar.update()
-            if line:
-                log(line)
-            done = state["step"] == cfg.max_steps
-            if evaluate and (state["step"] % cfg.eval_steps == 0 or done):
-                figures, line = evaluate()
+        bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=script, dynamic_ncols=True, disable=RANK != 0)
+        skipped = 0  # non-finite gradients in a row
+        with StopAtStepBoundary() as stop:
+            for step in range(state["step"], cfg.max_steps):
+                figures, line = train_step(step)
+                state["step"] = step + 1
                 record(figures)
-                log(f"step {state['step']}: {line}")
-            stop.requested = all_ranks_sum(stop.requested)[0] > 0  # every process stops after the same step
-            if stop.requested or state["step"] % cfg.save_steps == 0 or done:
-                log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, state[score])}")
-            if stop.requested:
-                log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir "
-                    f"{cfg.output_dir}")
-                raise SystemExit(130)
-    bar.close()
-    best = checkpoints.export_best(cfg.adapter_path, cfg, state[score])
-    log(f"adapter of step {best} ({score} {state[score].get(best, float('nan')):.4g}) -> {cfg.adapter_path} | "
-        f"peak memory {peak_memory_gb(torch.device(cfg.device)):.2f} GB")
-    return state
+                skipped = 0 if math.isfinite(figures.get("grad_norm", 0.0)) else skipped + 1
+                if skipped == MAX_SKIPPED:
+                    raise ValueError(f"steps {step + 2 - skipped}-{step + 1} all had non-finite gradients: the run "
+                                     f"diverged; the last checkpoint is {checkpoints.newest()} (lower --learning_rate "
+                                     "and --resume from it)")
+                bar.set_postfix({k: f"{figures[k]:.4g}" for k in shown}, refresh=False)
+                bar.update()
+                if line:
+                    log(line)
+                done = state["step"] == cfg.max_steps
+                if evaluate and (state["step"] % cfg.eval_steps == 0 or done):
+                    figures, line = evaluate()
+                    record(figures)
+                    log(f"step {state['step']}: {line}")
+                stop.requested = all_ranks_sum(stop.requested)[0] > 0  # every process stops after the same step
+                if stop.requested or state["step"] % cfg.save_steps == 0 or done:
+                    log(f"saved {checkpoints.save(model, optimizer, scaler, state, cfg, state[score])}")
+                if stop.requested:
+                    log(f"stopped after step {state['step']}: continue with python {script} --resume --output_dir "
+                        f"{cfg.output_dir}")
+                    raise SystemExit(130)
+        bar.close()
+        best = checkpoints.export_best(cfg.adapter_path, cfg, state[score])
+        log(f"adapter of step {best} ({score} {state[score].get(best, float('nan')):.4g}) -> {cfg.adapter_path} | "
+            f"peak memory {peak_memory_gb(torch.device(cfg.device)):.2f} GB")
+        return state

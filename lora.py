@@ -18,6 +18,8 @@ from torch import nn
 from quant import dequantize, replace_linears
 from tinyreason import Decoder
 
+MERGED_MARK = "merged_from.json"  # in a merge's folder: what it was made of, and that a later merge may replace it
+
 
 class LoRALinear(nn.Module):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dtype=torch.float32):
@@ -142,6 +144,8 @@ def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     from safetensors.torch import save_file
     read_adapter_config(adapter_dir)  # a bad adapter fails before the base model is loaded
     src, out = Path(src), Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / MERGED_MARK).exists():
+        raise ValueError(f"--out {out} exists and is not an earlier merge: choose another --out")
     model = merge(load_adapter(Decoder.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
     # named_parameters lists a tied lm_head once, as the embedding: HF's layout, which transformers re-ties.
     tensors = {k: v.detach().contiguous() for k, v in model.named_parameters()}
@@ -153,6 +157,7 @@ def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")):
             (out / f.name).write_bytes(f.read_bytes())
+    (out / MERGED_MARK).write_text(json.dumps({"model": str(src), "adapter": str(adapter_dir)}))
     print(f"merged {adapter_dir} into {src} ({str(dtype).removeprefix('torch.')}) -> {out}")
 
 
@@ -164,5 +169,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
+    from checkpoint import overlapping
     from load import resolve_checkpoint  # a hub id is downloaded once
-    export_merged(resolve_checkpoint(args.model), args.adapter, args.out, getattr(torch, args.dtype))
+    try:
+        model = resolve_checkpoint(args.model)
+        if hit := overlapping(Path(args.out), {"--model": model, "--adapter": args.adapter}):
+            raise ValueError(f"--out {args.out} is, holds or lies inside {hit[0]}: writing there could destroy it")
+        export_merged(model, args.adapter, args.out, getattr(torch, args.dtype))
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"lora.py: {e}")

@@ -118,6 +118,18 @@ def test_repl_leaves_cleanly_on_ctrl_d(tiny_checkpoint):
     assert run.stdout.count("Problem: ") == 2
 
 
+def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(tiny_checkpoint, expected):
+    run = subprocess.run(chat_command(tiny_checkpoint), input=b"\xff\xfe what?\n" + QUESTION.encode() + b"\n",
+                         capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert run.returncode == 0 and b"Traceback" not in run.stderr
+    assert b"not UTF-8 text" in run.stdout and expected.encode() in run.stdout
+
+
+def test_a_bad_model_folder_is_one_line_without_a_traceback(tmp_path):
+    run = subprocess.run(chat_command(tmp_path, "--prompt", QUESTION), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "no config.json" in run.stderr and "Traceback" not in run.stderr
+
+
 def read_until(fd, marker: bytes, seen: bytes, timeout=60) -> bytes:
     end = time.time() + timeout
     while marker not in seen and time.time() < end:

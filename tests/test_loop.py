@@ -133,3 +133,47 @@ def test_plot_writes_a_png_of_sft_and_rl_metrics(tmp_path, rows):
     plot.main([str(path)])
     png = (tmp_path / "metrics.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_note_and_a_torn_middle_one_is_named(tmp_path, monkeypatch):
+    notes = []
+    monkeypatch.setattr(loop, "log", notes.append)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    loop.Metrics(cfg(tmp_path), resumed_step=2)
+    assert steps(tmp_path / "metrics.jsonl") == [1, 2] and "dropped its last line" in notes[0]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2 is not JSON"):
+        loop.Metrics(cfg(tmp_path), resumed_step=2)
+
+
+@pytest.mark.parametrize("flag, value", [("learning_rate", float("inf")), ("max_grad_norm", float("nan")),
+                                         ("lora_alpha", float("inf"))])
+def test_non_finite_numbers_are_refused_before_anything_runs(tmp_path, flag, value):
+    problems = loop.config_problems(loop.LoopConfig(output_dir=str(tmp_path), **{flag: value}))
+    assert f"--{flag} must be a finite number (got {value})" in problems
+
+
+def test_leftovers_of_killed_saves_and_exports_are_cleaned_when_a_run_starts(tmp_path):
+    for name in (".tmp-checkpoint-000002", ".del-checkpoint-000004", ".tmp-adapter", ".del-adapter"):
+        (tmp_path / name).mkdir()
+    run_toy(tmp_path, {2: 0.5, 4: 0.1, 5: 0.3})
+    assert not list(tmp_path.glob(".tmp-*")) + list(tmp_path.glob(".del-*"))
+
+
+def test_a_run_whose_gradients_stay_non_finite_stops_and_names_its_last_checkpoint(tmp_path):
+    model = Toy()
+    lora.inject(model, ("q_proj",), r=2, alpha=4)
+    cfg = loop.LoopConfig(max_steps=100, save_steps=4, device="cpu", output_dir=str(tmp_path),
+                          adapter_path=str(tmp_path / "adapter"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    steps_run = []
+
+    def diverged(step):
+        steps_run.append(step)
+        return {"grad_norm": float("nan")}, None
+
+    with pytest.raises(ValueError, match=rf"steps 1-{loop.MAX_SKIPPED} all had non-finite gradients: the run diverged; "
+                                         rf"the last checkpoint is {tmp_path}/checkpoint-0000{loop.MAX_SKIPPED - 4}"):
+        loop.run(cfg, "toy.py", model, optimizer, torch.amp.GradScaler("cpu", enabled=False), {"step": 0, "loss": {}},
+                 diverged, score="loss")
+    assert len(steps_run) == loop.MAX_SKIPPED and not (tmp_path / ".lock").exists()

@@ -294,3 +294,20 @@ def test_dora_adapter_is_refused_not_silently_misread(tiny_checkpoint, tmp_path)
     saved_adapter(tiny_checkpoint, tmp_path, use_dora=True)
     with pytest.raises(ValueError, match="unsupported options \\['use_dora'\\]"):
         lora.load_adapter(load(tiny_checkpoint), tmp_path)
+
+
+def test_merge_never_writes_over_its_inputs_or_a_folder_it_did_not_make(tiny_checkpoint, tmp_path):
+    lora.save_adapter(with_trained_adapter(load(tiny_checkpoint)), tmp_path / "adapter", str(tiny_checkpoint))
+    before = (tiny_checkpoint / "model.safetensors").read_bytes()
+    for out, message in [(tiny_checkpoint, "is, holds or lies inside --model"),
+                         (tmp_path / "adapter", "is, holds or lies inside --adapter")]:
+        run = subprocess.run([sys.executable, str(ROOT / "lora.py"), "merge", "--model", str(tiny_checkpoint),
+                              "--adapter", str(tmp_path / "adapter"), "--out", str(out)], capture_output=True, text=True)
+        assert run.returncode == 1 and message in run.stderr and "Traceback" not in run.stderr
+    assert (tiny_checkpoint / "model.safetensors").read_bytes() == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not an earlier merge"):
+        lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "other")
+    lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "merged")
+    lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "merged")  # an earlier merge is replaced

@@ -117,6 +117,7 @@ def test_auto_precision_on_cpu_is_bf16_only_where_the_cpu_computes_in_it(monkeyp
                                               ((9, 0), torch.bfloat16)])
 def test_auto_precision_on_cuda_is_bf16_from_compute_capability_8_else_fp16(monkeypatch, capability, auto):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert load.resolve_precision("cuda", "auto") == (torch.device("cuda"), auto)
 
 
@@ -131,6 +132,12 @@ def test_asking_for_bf16_on_a_cpu_without_it_warns_and_is_obeyed(monkeypatch):
     monkeypatch.setattr(load, "cpu_has_bf16", lambda: False)
     with pytest.warns(UserWarning, match="--dtype bf16 on a CPU without bf16 instructions"):
         assert load.resolve_precision("cpu", "bf16")[1] == torch.bfloat16
+
+
+def test_device_cuda_without_a_cuda_device_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: torch sees no CUDA device here"):
+        load.resolve_precision("cuda", "auto")
 
 
 def naive_greedy(model, prompt, n, stop):
