@@ -176,8 +176,8 @@ def check_tensors(folder, tensors: dict, expected: dict, tied: set):
 
 
 def check_size(folder, config, tensors: dict):
-    """Refuse a config whose model holds more parameters than the checkpoint's tensors: before the model is built,
-    which takes time per layer however few tensors there are."""
+    """Refuse a config whose model holds more parameters than the checkpoint's tensors, before the model is built,
+    which takes time per layer however few tensors there are. Fewer is left to check_tensors, which names them."""
     if (implied := parameter_count(config)) > (held := sum(math.prod(t.shape) for t in tensors.values())):
         raise ValueError(f"{folder}: config.json implies {implied:,} parameters, its tensors hold {held:,}")
 
