@@ -17,6 +17,7 @@ from torch import nn
 
 from quant import dequantize, replace_linears
 from tinyreason import Decoder
+from weights import FINITE, POSITIVE_INT, PROBABILITY, check_fields, read_header, read_json
 
 MERGED_MARK = "merged_from.json"  # in a merge's folder: what it was made of, and that a later merge may replace it
 
@@ -97,30 +98,42 @@ def read_adapter_config(adapter_dir) -> dict:
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, this is not a LoRA adapter folder")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     # Plain LoRA on named modules only: these PEFT options change the math or add weights beyond A and B.
     used = [k for k in ("use_dora", "use_rslora", "modules_to_save", "layers_to_transform", "rank_pattern",
                         "alpha_pattern") if config.get(k)] + (["bias"] if config.get("bias", "none") != "none" else [])
-    if config.get("peft_type") != "LORA" or not isinstance(config.get("target_modules"), list) or used:
+    targets = config.get("target_modules")
+    if config.get("peft_type") != "LORA" or type(targets) is not list or not all(type(t) is str for t in targets) \
+            or used:
         raise ValueError(f"{path}: not a plain LoRA adapter (peft_type {config.get('peft_type')!r}, target_modules "
-                         f"{config.get('target_modules')!r}, unsupported options {used})")
+                         f"{targets!r}, unsupported options {used})")
+    if missing := [k for k in ("r", "lora_alpha") if config.get(k) is None]:
+        raise ValueError(f"{path}: missing {', '.join(missing)}")
+    check_fields(path, config, dict(r=POSITIVE_INT, lora_alpha=FINITE, lora_dropout=PROBABILITY))
     return config
 
 
 def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> nn.Module:
-    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), checking every tensor.
-    `dtype`: fp32 to train on, the model's own for inference."""
+    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), every tensor's shape
+    checked from the file's header before anything is allocated. `dtype`: fp32 to train on, the model's own for
+    inference."""
     from safetensors.torch import load_file
     config, weights = read_adapter_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
-    inject(model, config["target_modules"], config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), dtype)
-    tensors, params = load_file(weights), lora_state_dict(model)
+    r, targets = config["r"], check_targets(model.config, config["target_modules"])
+    wanted = {f"base_model.model.{name}.lora_{ab}.weight": shape for name, m in model.named_modules()
+              if name.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)
+              for ab, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}  # what inject will make
+    stored = {key: t.shape for key, t in read_header(weights).items()}
+    for key in sorted(set(stored) | set(wanted)):
+        got, want = (d.get(key, "absent") for d in (stored, wanted))
+        if got != want:
+            raise ValueError(f"{weights}: tensor {key} is {got} in the adapter but {want} in the model "
+                             f"(given r={r} and the target_modules of adapter_config.json)")
+    inject(model, targets, r, config["lora_alpha"], config.get("lora_dropout") or 0.0, dtype)
+    tensors = load_file(weights)
     with torch.no_grad():
-        for key in sorted(set(tensors) | set(params)):
-            got, want = (tuple(d[key].shape) if key in d else "absent" for d in (tensors, params))
-            if got != want:
-                raise ValueError(f"{weights}: tensor {key} is {got} in the adapter but {want} in the model "
-                                 f"(given r={config['r']} and the target_modules of adapter_config.json)")
-            params[key].copy_(tensors[key])
+        for key, p in lora_state_dict(model).items():
+            p.copy_(tensors[key])
     return model
 
 

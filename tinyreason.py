@@ -9,7 +9,6 @@ each head, and has biases everywhere. Config's switches are all that differ (doc
 are each checkpoint's own, so loading is a plain name match. The tokenizer is in tokenizer.py, generation in
 generate.py, NF4 storage in quant.py, LoRA in lora.py.
 """
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from weights import checkpoint_tensors
+from weights import CONFIG_FIELDS, check_fields, check_size, check_tensors, checkpoint_tensors, inside, read_json
 
 LOGPROB_CHUNK = 1024  # positions per lm_head call in token_logprobs: (1024, 151936) fp32 logits are 0.6 GB
 
@@ -56,19 +55,20 @@ class Config:
 
     @classmethod
     def from_json(cls, path):
-        """The config of a Hugging Face config.json; a setting this decoder does not implement is refused by name."""
-        raw = json.loads(Path(path).read_text())
+        """The config of a Hugging Face config.json: a setting this decoder does not implement is refused by name,
+        and each field it reads must have its type and range (CONFIG_FIELDS)."""
+        path = Path(path)
+        raw = {k: v for k, v in read_json(inside(path.parent, path.name)).items() if v is not None}  # null: unset
         kind = raw.get("model_type")
-        if kind not in ARCHITECTURES:
+        if type(kind) is not str or kind not in ARCHITECTURES:
             raise ValueError(f"{path}: model_type {kind!r} is not supported, TinyReason implements "
                              f"{', '.join(ARCHITECTURES)}")
-        if missing := [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                   "num_attention_heads") if k not in raw]:
-            raise ValueError(f"{path}: missing {', '.join(missing)}")
-        rope = {**raw, **(raw.get("rope_parameters") or {}), **(raw.get("rope_scaling") or {})}  # transformers 5 nests
+        check_fields(path, raw, CONFIG_FIELDS)
+        rope = {k: v for part in (raw, raw.get("rope_parameters", {}), raw.get("rope_scaling", {}))
+                for k, v in part.items() if v is not None}  # transformers 5 nests them
+        check_fields(path, rope, CONFIG_FIELDS)
         scaling = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))  # "type" in older configs
-        head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
         act = raw.get("hidden_act", "gelu_new" if kind == "phi" else "silu")
         refused = [text for text, bad in [
             (f"rope scaling {rope_type!r}", rope_type not in ("default", "llama3" if kind == "llama" else "default")),
@@ -79,18 +79,25 @@ class Config:
             (f"hidden_act {act!r}", act != ("gelu_new" if kind == "phi" else "silu"))] if bad]
         if refused:
             raise ValueError(f"{path}: {'; '.join(refused)} is not supported by TinyReason's {kind}")
-        return cls(**{k: raw[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                          "num_attention_heads", "tie_word_embeddings") if k in raw},
-                   num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-                   head_dim=head_dim, rotary_dim=int(head_dim * rope.get("partial_rotary_factor",
-                                                                          0.5 if kind == "phi" else 1.0)),
+        llama3 = LLAMA3 if rope_type == "llama3" else ()
+        if missing := [k for k in REQUIRED if k not in raw] + [k for k in llama3 if k not in rope]:
+            raise ValueError(f"{path}: missing {', '.join(missing)}")
+        heads, hidden = raw["num_attention_heads"], raw["hidden_size"]
+        kv, head_dim = raw.get("num_key_value_heads", heads), raw.get("head_dim", hidden // heads)
+        rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 0.5 if kind == "phi" else 1.0))
+        if heads % kv:
+            raise ValueError(f"{path}: num_key_value_heads {kv} does not divide num_attention_heads {heads}")
+        if rotary_dim % 2 or not rotary_dim:
+            raise ValueError(f"{path}: {rotary_dim} dims of each head to rotate, expected a positive even number")
+        return cls(**{k: raw[k] for k in (*REQUIRED, "tie_word_embeddings") if k in raw},
+                   num_key_value_heads=kv, head_dim=head_dim, rotary_dim=rotary_dim,
                    norm_eps=raw.get("layer_norm_eps" if kind == "phi" else "rms_norm_eps", 1e-6),
                    rope_theta=rope.get("rope_theta", 10000.0),
-                   llama3_rope=tuple(rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                       "original_max_position_embeddings"))
-                   if rope_type == "llama3" else (), **ARCHITECTURES[kind])
+                   llama3_rope=tuple(rope[k] for k in LLAMA3) if rope_type == "llama3" else (), **ARCHITECTURES[kind])
 
 
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+LLAMA3 = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")  # its rope scaling
 ARCHITECTURES = {  # model_type -> its switches of Config
     "qwen2": dict(qkv_bias=True),
     "llama": dict(),
@@ -285,24 +292,18 @@ class Decoder(nn.Module):
         in its place (quant.py makes a block 4-bit there)."""
         folder = Path(folder)
         config = Config.from_json(folder / "config.json")
+        tensors = checkpoint_tensors(folder)  # every header checked; no tensor read yet
+        check_size(folder, config, tensors)  # before building, whose cost grows with the layers config.json asks for
         with torch.device("meta"):
             model = cls(config)
         expected = dict(model.named_parameters())  # a tied lm_head appears once, as the embedding
-        tensors = checkpoint_tensors(folder)
-        tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected) - tied)
-        if missing or unexpected:
-            raise ValueError(f"{folder}: tensors do not match a model of its config.json: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        check_tensors(folder, tensors, expected, tied={"lm_head.weight"} if config.tie_word_embeddings else set())
         # The lm_head, the largest tensor, first: a copy on_block makes of it exists while little else is loaded.
         order = sorted(expected, key=lambda n: not n.startswith("lm_head."))
         last = {unit(n): n for n in order if unit(n)}  # the last tensor of each block and of the lm_head
         for name in tqdm(order, desc="loading", leave=False):
             module_name, leaf = name.rsplit(".", 1)
-            module, t = model.get_submodule(module_name), tensors[name]()
-            if t.shape != expected[name].shape:
-                raise ValueError(f"{folder}: tensor {name} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(expected[name].shape)}")
+            module, t = model.get_submodule(module_name), tensors[name].read()
             setattr(module, leaf, nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=False))
             if on_block and name == last.get(unit(name)):
                 model.set_submodule(unit(name), on_block(model.get_submodule(unit(name))))

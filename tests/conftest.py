@@ -127,6 +127,14 @@ def make_checkpoint(path: Path, tokenizer_dir: Path, tie: bool, seed: int = 0, m
     return path
 
 
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A copy of a checkpoint folder, to damage."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory, tokenizer_dir):
     """Untied lm_head (as Qwen2.5-1.5B-Instruct's checkpoints are not; both kinds are tested)."""

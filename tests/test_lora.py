@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -311,3 +312,46 @@ def test_merge_never_writes_over_its_inputs_or_a_folder_it_did_not_make(tiny_che
         lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "other")
     lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "merged")
     lora.export_merged(tiny_checkpoint, tmp_path / "adapter", tmp_path / "merged")  # an earlier merge is replaced
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(r=0), "r is 0, expected a positive integer"),
+    (dict(r=4.0), "r is 4.0, expected a positive integer"),
+    (dict(r="4"), "r is '4', expected a positive integer"),
+    (dict(r=None), "missing r"),
+    (dict(lora_alpha=float("inf")), "lora_alpha is inf, expected a finite number"),
+    (dict(lora_alpha=float("nan")), "lora_alpha is nan, expected a finite number"),
+    (dict(lora_alpha="16"), "lora_alpha is '16', expected a finite number"),
+    (dict(lora_dropout=1.5), "lora_dropout is 1.5, expected a number in [0, 1]"),
+    (dict(target_modules=["q_proj", 1]), "not a plain LoRA adapter"),
+])
+def test_an_adapter_config_field_of_a_wrong_type_or_range_is_refused_by_name(tiny_checkpoint, tmp_path, changes,
+                                                                             message):
+    saved_adapter(tiny_checkpoint, tmp_path, **changes)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'adapter_config.json'))}: {re.escape(message)}"):
+        lora.load_adapter(load(tiny_checkpoint), tmp_path)
+
+
+def test_an_adapter_config_that_is_not_a_json_object_is_refused_by_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text('["LORA"]')
+    with pytest.raises(ValueError, match="adapter_config.json: not a JSON object"):
+        lora.read_adapter_config(tmp_path)
+
+
+def test_a_huge_rank_fails_from_the_adapter_header_before_anything_is_allocated(tiny_checkpoint, tmp_path):
+    saved_adapter(tiny_checkpoint, tmp_path, r=10 ** 9)  # its A and B alone would be 256 GB a layer
+    model = load(tiny_checkpoint)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"is \(4, (\d+)\) in the adapter but \(1000000000, \1\) in the model"):
+        lora.load_adapter(model, tmp_path)
+    assert time.perf_counter() - start < 1 and not lora.lora_modules(model)  # nothing injected
+
+
+def test_an_adapter_file_the_format_forbids_is_refused_before_injecting(tiny_checkpoint, tmp_path):
+    saved_adapter(tiny_checkpoint, tmp_path)
+    with open(tmp_path / "adapter_model.safetensors", "ab") as f:
+        f.write(b"trailing")
+    model = load(tiny_checkpoint)
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a safetensors file: .* trailing bytes"):
+        lora.load_adapter(model, tmp_path)
+    assert not lora.lora_modules(model)

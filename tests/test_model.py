@@ -7,12 +7,12 @@ import re
 
 import pytest
 import torch
-from conftest import gsm8k_records, make_checkpoint
+from conftest import copy_checkpoint, gsm8k_records, make_checkpoint
 
 import data
 import load
-import weights
 import loop
+import weights
 from generate import generate, left_pad, sample
 from load import resolve_checkpoint
 from tinyreason import KVCache, Decoder, Config
@@ -295,34 +295,6 @@ def test_sharded_checkpoint_loads(tmp_path, tokenizer_dir, tiny_checkpoint):
     assert torch.equal(ours(ids), ref(ids))
 
 
-def test_our_safetensors_reader_gives_what_the_safetensors_library_gives(tmp_path):
-    from safetensors.torch import load_file, save_file
-    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.randn(7), "c": torch.randn(2, 2).half(), "d": torch.ones(())}
-    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    ours = {name: read() for name, read in weights.checkpoint_tensors(tmp_path).items()}
-    reference = load_file(tmp_path / "model.safetensors")
-    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
-    assert all(ours[k].dtype == reference[k].dtype for k in ours)
-
-
-def test_a_cut_short_or_foreign_checkpoint_file_is_named_in_the_error(tmp_path, tiny_checkpoint):
-    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "cut")
-    data = (folder / "model.safetensors").read_bytes()
-    (folder / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ValueError, match=r"model\.safetensors: tensor .* is cut short"):
-        Decoder.from_pretrained(folder)
-    (folder / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"PK\x03\x04 zip!" + data[18:])
-    with pytest.raises(ValueError, match="not a safetensors file"):
-        Decoder.from_pretrained(folder)
-
-
-def copy_checkpoint(src, dst):
-    dst.mkdir()
-    for f in src.iterdir():
-        (dst / f.name).write_bytes(f.read_bytes())
-    return dst
-
-
 def edit_tensors(folder, fn):
     from safetensors.torch import load_file, save_file
     tensors = load_file(folder / "model.safetensors")
@@ -359,11 +331,63 @@ def test_a_sliding_window_size_that_is_not_used_and_default_rope_load(tmp_path, 
     assert Config.from_json(path) == Config.from_json(tiny_checkpoint / "config.json")
 
 
+PHI = {"model_type": "phi", "hidden_act": "gelu_new"}  # 4 heads of 16 dims
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"num_attention_heads": 0}, "num_attention_heads is 0, expected a positive integer"),
+    ({"hidden_size": 64.0}, "hidden_size is 64.0, expected a positive integer"),
+    ({"hidden_size": "64"}, "hidden_size is '64', expected a positive integer"),
+    ({"num_hidden_layers": True}, "num_hidden_layers is True, expected a positive integer"),
+    ({"vocab_size": None}, "missing vocab_size"),  # null is unset
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan, expected a positive number"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}}, "rope_theta is '1e6', expected a positive number"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings is 'false', expected true or false"),
+    ({"rope_scaling": []}, "rope_scaling is [], expected a JSON object"),
+    ({"model_type": ["qwen2"]}, "model_type ['qwen2'] is not supported"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads 3 does not divide num_attention_heads 4"),
+    ({**PHI, "partial_rotary_factor": 1.5}, "partial_rotary_factor is 1.5, expected a number in (0, 1]"),
+    ({**PHI, "partial_rotary_factor": 0.3125}, "5 dims of each head to rotate, expected a positive even number"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "missing low_freq_factor, high_freq_factor, original_max_position_embeddings"),
+])
+def test_a_config_field_of_a_wrong_type_or_range_is_refused_by_name(tmp_path, tiny_checkpoint, changes, message):
+    path = config_with(tmp_path, tiny_checkpoint, **changes)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {re.escape(message)}"):
+        Config.from_json(path)
+
+
+@pytest.mark.parametrize("text, message", [("[]", "not a JSON object"), ('{"model_type": ', "not JSON")])
+def test_a_config_that_is_not_a_json_object_is_refused_by_name(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"config.json: {message}"):
+        Config.from_json(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("changes", [{"num_hidden_layers": 3}, {"num_hidden_layers": 100_000}, {"vocab_size": 2 ** 60}],
+                         ids=["one layer more", "100,000 layers: minutes to build", "too big to build on meta"])
+def test_a_config_implying_more_than_the_checkpoint_holds_is_refused_before_the_model_is_built(
+        tmp_path, tiny_checkpoint, changes):
+    folder = copy_checkpoint(tiny_checkpoint, tmp_path / "bigger")
+    config_with(folder, tiny_checkpoint, **changes)
+    with pytest.raises(ValueError, match=r"bigger: config.json implies [\d,]+ parameters, its tensors hold [\d,]+$"):
+        Decoder.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("which", EVERY_ARCHITECTURE)
+def test_the_parameter_count_checked_before_building_is_the_built_models(which, request):
+    config = Config.from_json(request.getfixturevalue(which) / "config.json")
+    with torch.device("meta"):
+        assert weights.parameter_count(config) == sum(p.numel() for p in Decoder(config).parameters())
+
+
 @pytest.mark.parametrize("damage, message", [
-    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"missing \['model.layers.1.mlp.up_proj.weight'\]"),
+    (lambda t: t.update({"model.layers.1.mlp.extra.weight": t.pop("model.layers.1.mlp.up_proj.weight")}),
+     r"missing \['model.layers.1.mlp.up_proj.weight'\], unexpected \['model.layers.1.mlp.extra.weight'\]"),
     (lambda t: t.update({"model.layers.0.extra.weight": torch.zeros(2)}), r"unexpected \['model.layers.0.extra.weight'\]"),
-    (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), r"model.norm.weight has shape \(3,\)"),
+    (lambda t: t.update({"model.norm.weight": torch.zeros(8, 8)}), r"model.norm.weight has shape \(8, 8\)"),
     (lambda t: t.update({"model.norm.weight": torch.zeros(64, dtype=torch.int8)}), r"model.norm.weight is I8"),
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), r"config.json implies [\d,]+ parameters, its tensors hold"),
 ])
 def test_bad_tensors_are_named(tmp_path, tiny_checkpoint, damage, message):
     bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad")
