@@ -131,6 +131,8 @@ def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> nn.Modul
                              f"(given r={r} and the target_modules of adapter_config.json)")
     inject(model, targets, r, config["lora_alpha"], config.get("lora_dropout") or 0.0, dtype)
     tensors = load_file(weights)
+    if bad := [key for key, t in tensors.items() if not torch.isfinite(t).all()]:  # a diverged run's: never used
+        raise ValueError(f"{weights}: tensor {bad[0]} holds non-finite values")
     with torch.no_grad():
         for key, p in lora_state_dict(model).items():
             p.copy_(tensors[key])

@@ -355,3 +355,11 @@ def test_an_adapter_file_the_format_forbids_is_refused_before_injecting(tiny_che
     with pytest.raises(ValueError, match="adapter_model.safetensors: not a safetensors file: .* trailing bytes"):
         lora.load_adapter(model, tmp_path)
     assert not lora.lora_modules(model)
+
+
+def test_an_adapter_with_non_finite_values_is_refused_for_eval_merge_and_training(tiny_checkpoint, tmp_path):
+    model = with_trained_adapter(load(tiny_checkpoint))
+    torch.nn.init.constant_(next(iter(lora.lora_modules(model).values())).lora_B.weight, float("inf"))
+    lora.save_adapter(model, tmp_path, str(tiny_checkpoint))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: tensor \S+lora_B\.weight holds non-finite values"):
+        lora.load_adapter(load(tiny_checkpoint), tmp_path)
