@@ -150,7 +150,8 @@ class Metrics:
 class LoopConfig:
     """The fields both loops have, with the SFT recipe's defaults; train.py's and rl.py's configs add their own."""
     model: str = DEFAULT_MODEL  # hub repo id or local Hugging Face checkpoint folder
-    data: str = "openai/gsm8k"  # hub dataset (config "main") or local .jsonl/.json/.parquet with question/answer
+    task: str = "gsm8k"  # gsm8k, math, or your own task's file path/to/task.py (docs/tasks.md)
+    data: str = ""  # hub dataset or local .jsonl/.json/.parquet of the task's records; empty: the task's own
     quantize: Literal["nf4", "none"] = "nf4"  # base weights: nf4 (QLoRA) or none (16-bit LoRA)
     lora_r: int = 16  # rank of a new adapter
     lora_alpha: float = 32  # a new adapter's update is scaled by lora_alpha / lora_r
