@@ -2,6 +2,7 @@
 
     python train.py                                    # the recipe: Qwen2.5-1.5B-Instruct, 2000 samples, 250 steps
     python train.py --model /path/to/qwen2 --data path/to/train.jsonl --max_steps 30
+    python train.py --task math                        # MATH's reference solutions; your own task: docs/tasks.md
     python train.py --resume                           # continue the newest checkpoint in --output_dir, as it was
     python train.py --config run.json --max_steps 100  # fields from JSON (e.g. an experiment_config.json); flags win
 
