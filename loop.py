@@ -185,7 +185,7 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # the package has its name
         problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to}), or use --report_to none")
-    if data.is_local(cfg.data) and not Path(cfg.data).is_file():
+    if cfg.data and data.is_local(cfg.data) and not Path(cfg.data).is_file():  # empty: the task's own
         problems.append(f"--data {cfg.data}: no such file")
     if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
         problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "
