@@ -1,5 +1,6 @@
-"""GSM8K as chat examples: records -> formatted turns -> token ids with completion-only labels -> length-grouped,
-right-padded batches. A solution becomes one assistant turn, the only target (docs/training.md):
+"""Records as chat examples: records -> formatted turns -> token ids with completion-only labels -> length-grouped,
+right-padded batches; GSM8K's rendering is here, other tasks' in tasks.py. A solution becomes one assistant turn, the
+only target (docs/training.md):
 
     <think>
     Natalia sold 48/2 = 24 clips in May. ...
@@ -32,15 +33,23 @@ def is_local(source: str) -> bool:
     return Path(source).suffix in LOCAL_SUFFIXES or Path(source).exists()
 
 
-def load_records(source: str, split: str = "train") -> list[dict]:
-    """Question/answer records from the hub (config "main") or a .jsonl/.json/.parquet file, errors naming the line."""
+def load_records(source: str, split: str = "train", config: str | None = "main",
+                 fields: tuple[str, ...] = ("question", "answer")) -> list[dict]:
+    """Records from the hub (dataset `config`) or a .jsonl/.json/.parquet file with `fields`, errors naming the line."""
+    return [record for _, record in read_records(source, split, config, fields)]
+
+
+def read_records(source: str, split: str = "train", config: str | None = "main",
+                 fields: tuple[str, ...] = ("question", "answer")) -> list[tuple[str, dict]]:
+    """load_records' records, each with where it sits ("line 12", "record 3") for messages that name it."""
+    names = " and ".join(f"'{f}'" for f in fields)
     if not is_local(source):
         try:
             import datasets
-            return list(datasets.load_dataset(source, "main", split=split))
+            return [(f"record {i}", r) for i, r in enumerate(datasets.load_dataset(source, config, split=split))]
         except Exception as e:  # offline, unknown repo, missing split: all end the same way for the user
             raise OSError(f"could not load dataset {source!r} (split {split!r}) from the Hugging Face hub: {e}\n"
-                          "pass --data PATH to a local .jsonl/.json/.parquet file with question/answer fields "
+                          f"pass --data PATH to a local .jsonl/.json/.parquet file with {names} fields "
                           "(GSM8K's train.jsonl from github.com/openai/grade-school-math, for one)") from e
     path = Path(source)
     if not path.is_file():
@@ -60,12 +69,11 @@ def load_records(source: str, split: str = "train") -> list[dict]:
         raise ValueError(f"{path}: unsupported data file type {path.suffix!r}; use one of {LOCAL_SUFFIXES}")
     for where, record in numbered:
         if not isinstance(record, dict):
-            raise ValueError(f"{path}, {where}: expected an object with 'question' and 'answer', "
-                             f"got {json.dumps(record)[:60]}")
-    if not any({"question", "answer"} <= r.keys() for _, r in numbered):
-        raise ValueError(f"{path}: no records with both 'question' and 'answer' fields "
-                         f"(expected a list of {{'question': ..., 'answer': ...}} objects)")
-    return [record for _, record in numbered]
+            raise ValueError(f"{path}, {where}: expected an object with {names}, got {json.dumps(record)[:60]}")
+    if not any(set(fields) <= r.keys() for _, r in numbered):
+        raise ValueError(f"{path}: no records with {'both ' if len(fields) == 2 else ''}{names} fields "
+                         f"(expected a list of {{{', '.join(f'{f!r}: ...' for f in fields)}}} objects)")
+    return numbered
 
 
 def parse_json(text: str, path: Path, line: int = 1):
@@ -150,19 +158,17 @@ def build_examples(tokenizer, records: list[dict], max_seq_length: int, calculat
     return kept, len(examples) - len(kept)
 
 
-def load_splits(source: str, tokenizer, num_samples: int, validation_split: float, max_seq_length: int, seed: int,
-                log=print, calculator: bool = False, render=None) -> tuple[list[dict], list[dict]]:
-    """Train and validation examples, logging what was skipped; `render` rewrites each record first (stages.py)."""
-    records = load_records(source)
-    if render:
-        records = [render(r) for r in records]
-    train_records, val_records, n_bad = prepare_splits(records, num_samples, validation_split, seed)
+def load_splits(records: list[dict], tokenizer, num_samples: int, validation_split: float, max_seq_length: int,
+                seed: int, log=print, calculator: bool = False) -> tuple[list[dict], list[dict]]:
+    """Train and validation examples of usable `records` (Task.records names the malformed ones it skips), logging
+    the over-long ones dropped."""
+    train_records, val_records, _ = prepare_splits(records, num_samples, validation_split, seed)
     train, n_long = build_examples(tokenizer, train_records, max_seq_length, calculator)
     val, n_long_val = build_examples(tokenizer, val_records, max_seq_length, calculator)
-    log(f"data: {len(records)} records, {n_bad} malformed skipped, {n_long + n_long_val} longer than "
-        f"{max_seq_length} tokens dropped -> {len(train)} train, {len(val)} validation")
+    log(f"data: {len(records)} usable records, {n_long + n_long_val} longer than {max_seq_length} tokens dropped "
+        f"-> {len(train)} train, {len(val)} validation")
     if not train:
-        raise ValueError(f"{source}: no training examples left")
+        raise ValueError("no training examples left")
     return train, val
 
 

@@ -4,6 +4,7 @@ SFT data in our format: reasoning a model actually wrote, not GSM8K's terse line
     python distill.py --teacher Qwen/Qwen2.5-7B-Instruct --samples_per_question 4 --out traces.jsonl
     python train.py --data traces.jsonl --num_samples 0    # SFT on the kept traces
     python rl.py --data traces.jsonl --zone 2,5             # RL on the questions 2 to 5 samples got right
+    python distill.py --task math --teacher_format boxed --samples_per_question 8 --out math.jsonl   # the Nexus zone
 """
 import json
 import time
@@ -17,11 +18,12 @@ from tqdm import tqdm
 import config
 import data
 import grade
+import tasks
 from generate import generate, stopped
 from load import load_model, resolve_precision
 
 TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by-step. Think step by step inside "
-                  "<think> and </think>, then write **Final Answer:** followed by the number alone.")
+                  "<think> and </think>, then write **Final Answer:** followed by {}.")  # the task's answer_hint
 
 
 @dataclass
@@ -29,7 +31,8 @@ class DistillConfig:
     teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local Qwen2 checkpoint folder
     teacher_format: Literal["tinyreason", "boxed"] = "tinyreason"  # the teacher's prompt: ours, or Qwen's math prompt
     adapter: str = "none"  # a LoRA adapter on the teacher, or none
-    data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
+    task: str = "gsm8k"  # gsm8k, math, or path/to/task.py: its questions, gold answers and grader
+    data: str = ""  # hub dataset or local .jsonl/.json/.parquet of the task's records; empty: the task's own
     split: str = "train"  # the hub dataset's split
     num_questions: int = 0  # the first N usable questions; <= 0: all
     samples_per_question: int = 4  # sampled solutions per question
@@ -44,7 +47,7 @@ class DistillConfig:
     out: str = "traces.jsonl"  # one line per question, appended batch by batch; a rerun skips those already in it
 
 
-def rewrite(text: str, gold: str, style: str = "tinyreason") -> str | None:
+def rewrite(text: str, gold: str, style: str = "tinyreason", task=tasks.GSM8K()) -> str | None:
     """A sample as the exact assistant turn train.py renders, or None outside the strict format. A boxed sample's
     whole text is the reasoning, its \\boxed{72} unboxed to 72 wherever it sits (Qwen often ends "\\(\\boxed{72}\\)."):
     a small model that cannot yet write our tags still reasons well in the format it knows."""
@@ -55,13 +58,15 @@ def rewrite(text: str, gold: str, style: str = "tinyreason") -> str | None:
             return None
     else:
         think = shape["think"] if (shape := grade.strict_format(text, style)) else ""
-    return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {gold}" if think.strip() else None
+    return f"<think>\n{think.strip()}\n</think>\n\n**Final Answer:** {task.final(gold)}" if think.strip() else None
 
 
-def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "tinyreason") -> tuple[list[str], int]:
-    """Samples (text, stopped) -> up to `keep` correct ones rewritten, distinct, shortest first; how many were right."""
-    correct = [text for text, ended in samples if grade.rewards(text, gold, style, ended)["correct"]]
-    kept = sorted({t for t in (rewrite(c, gold, style) for c in correct) if t}, key=lambda t: (len(t), t))
+def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "tinyreason",
+           task=tasks.GSM8K()) -> tuple[list[str], int]:
+    """Samples (text, stopped) -> up to `keep` correct ones rewritten, distinct, shortest first; how many were right
+    (by the task's reward grader: the answer where the style puts it)."""
+    correct = [text for text, ended in samples if task.rewards(text, gold, style, ended)["correct"]]
+    kept = sorted({t for t in (rewrite(c, gold, style, task) for c in correct) if t}, key=lambda t: (len(t), t))
     return kept[:keep], len(correct)
 
 
@@ -69,11 +74,12 @@ def main(argv=None):
     cfg = config.parse_config(DistillConfig, argv, description=__doc__)
     if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
-    records = [r for r in data.load_records(cfg.data, cfg.split) if data.format_example(r)]
+    task = tasks.load_task(cfg.task)
+    records = task.records(cfg.data, cfg.split)
     records = records[:cfg.num_questions] if cfg.num_questions > 0 else records
     out = Path(cfg.out)
-    done = {json.loads(line)["question"] for line in out.read_text().splitlines()} if out.exists() else set()
-    todo = [(i, r) for i, r in enumerate(records) if r["question"] not in done]
+    done = {task.question(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
+    todo = [(i, r) for i, r in enumerate(records) if task.question(r) not in done]
     print(f"distill: {len(records)} questions, {len(done)} already in {out}, {len(todo)} to sample")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
     model, tokenizer = load_model(cfg.teacher, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype,
@@ -83,13 +89,14 @@ def main(argv=None):
     for start in range(0, len(todo), cfg.batch_size):
         batch = todo[start:start + cfg.batch_size]
         generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
-        prompts = [data.prompt_ids(tokenizer, r["question"], cfg.teacher_format, TEACHER_SYSTEM) for _, r in batch]
+        system = TEACHER_SYSTEM.format(task.answer_hint)
+        prompts = [data.prompt_ids(tokenizer, task.question(r), cfg.teacher_format, system) for _, r in batch]
         completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n,
                                   generator=generator)
         lines, tokens = [], tokens + sum(map(len, completions))
         for j, (_, record) in enumerate(batch):
             samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in completions[j * n:(j + 1) * n]]
-            traces, n_correct = select(samples, data.gold_answer(record), cfg.keep_per_question, cfg.teacher_format)
+            traces, n_correct = select(samples, task.gold(record), cfg.keep_per_question, cfg.teacher_format, task)
             lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})
                       for t in traces or [""]]
             kept += len(traces)

@@ -1,9 +1,12 @@
-"""Evaluate a TinyReason adapter (or the base model) on GSM8K: greedy batched generation, answer extraction,
-numeric comparison, accuracy with its 95% Wilson interval, format compliance, one JSON line per problem.
+"""Evaluate a TinyReason adapter (or the base model) on a task (GSM8K by default): greedy batched generation, the
+task's answer reading and judgement, accuracy with its 95% Wilson interval (and by level and subject where the records
+have them), format compliance, one JSON line per problem.
 
     python eval.py                         # the last training's adapter; its experiment_config.json sets the rest
     python eval.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct --prompt_style boxed   # the fair baseline
     python eval.py --data my.jsonl --limit 0 --out preds.jsonl
+    python eval.py --task math --adapter none --prompt_style boxed --limit 0                 # MATH-500
+    python eval.py --task math --rescore preds.jsonl       # grade those predictions again, nothing generated
 """
 import json
 import time
@@ -15,9 +18,10 @@ from tqdm import tqdm
 
 import data
 import stages
+import tasks
 from calculator import DONE
 from generate import generate, stopped
-from grade import extract_answer, is_compliant, is_correct, normalize, step_validity, wilson
+from grade import is_compliant, step_validity, wilson
 from config import parse_config
 from load import ModelFlags, load_from_flags, resolve_model_flags
 
@@ -25,7 +29,8 @@ from load import ModelFlags, load_from_flags, resolve_model_flags
 @dataclass
 class EvalConfig(ModelFlags):
     system: str = data.SYSTEM_PROMPT  # system prompt of the tinyreason style (the training one)
-    data: str = "openai/gsm8k"  # hub dataset or local .jsonl/.json/.parquet with question/answer
+    task: str = None  # gsm8k, math, or path/to/task.py; default: the adapter's task, else gsm8k
+    data: str = ""  # hub dataset or local .jsonl/.json/.parquet of the task's records; empty: the task's own
     split: str = "test"  # the hub dataset's split
     limit: int = None  # problems to score; default: the training's test_samples; 0: all
     batch_size: int = 16  # prompts per generate call
@@ -33,18 +38,33 @@ class EvalConfig(ModelFlags):
     prompt_style: Literal["tinyreason", "boxed"] = "tinyreason"  # the training prompt, or Qwen's math prompt
     out: str = None  # one JSON line per problem; default: preds.jsonl in the adapter folder, or in outputs/
     report: str = None  # also write a short Markdown report to this file
+    rescore: str = None  # an --out file to grade again with --task: nothing is generated, no model loads
 
 
-def score(record: dict, ids: list[int], tokenizer, style: str, upev: bool = False) -> dict:
-    """One line of --out: the problem, the output, how it was read and judged, its true arithmetic statements and,
+def judged(task, question: str, gold: str, output: str, style: str) -> dict:
+    """How an output was read and judged, and its true arithmetic statements: what --rescore recomputes."""
+    extracted = task.extract(output)
+    return dict(question=question, gold=task.normalize(gold), output=output, extracted=extracted,
+                normalized=task.normalize(extracted), correct=task.judge(extracted, gold),
+                compliant=is_compliant(output, style), steps=list(step_validity(output.split("</think>")[0])))
+
+
+def score(task, record: dict, ids: list[int], tokenizer, style: str, upev: bool = False) -> dict:
+    """One line of --out: the problem, the output, how it was read and judged, the record's `group_by` fields and,
     for a UPEV output, the step-aware figures (stages.metrics)."""
     output = tokenizer.decode(ids)
-    extracted = extract_answer(output)
-    gold, pred = normalize(data.gold_answer(record)), normalize(extracted)
-    row = dict(question=record["question"], gold=gold, output=output, extracted=extracted, normalized=pred,
-               correct=is_correct(pred, gold), compliant=is_compliant(output, style),
-               steps=list(step_validity(output.split("</think>")[0])), tokens=len(ids), stopped=stopped(ids, tokenizer))
+    row = judged(task, task.question(record), task.gold(record), output, style)
+    row |= {k: record[k] for k in task.group_by if k in record} | dict(tokens=len(ids), stopped=stopped(ids, tokenizer))
     return row | stages.metrics(output) if upev else row
+
+
+def by_group(rows: list[dict], key: str) -> list[str]:
+    """Accuracy per value of `key` (level, subject), each with its interval."""
+    lines = [f"accuracy by {key}:"]
+    for value in sorted({str(r[key]) for r in rows if key in r}):
+        k, n = sum(r["correct"] for r in rows if str(r.get(key)) == value), sum(str(r.get(key)) == value for r in rows)
+        lines.append(f"  {value}: {k / n:.4f} ({k}/{n}) [{wilson(k, n)[0]:.3f}, {wilson(k, n)[1]:.3f}]")
+    return lines if len(lines) > 1 else []
 
 
 def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
@@ -52,7 +72,7 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
     n, k = len(rows), sum(r["correct"] for r in rows)
     lo, hi = wilson(k, n)
     lengths = sorted(r["tokens"] for r in rows)
-    lines = [f"# GSM8K evaluation: {title}", "",
+    lines = [f"# Evaluation: {title}", "",
              f"- accuracy: **{k / n:.3f}** ({k}/{n}), 95% Wilson interval [{lo:.3f}, {hi:.3f}]",
              f"- format compliance: {sum(r['compliant'] for r in rows) / n:.3f}",
              f"- generated tokens: median {lengths[n // 2]}, 90th percentile {lengths[int(0.9 * (n - 1))]}, "
@@ -65,32 +85,86 @@ def markdown_report(rows: list[dict], title: str, max_new_tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(args, task, rows: list[dict], out: Path, title: str, seconds: float = None):
+    """Write the --out lines and print the report (and --report's Markdown), the accuracy last."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    n, k, n_tokens = len(rows), sum(r["correct"] for r in rows), sum(r["tokens"] for r in rows)
+    print("accuracy, 95% Wilson interval: [{:.4f}, {:.4f}]".format(*wilson(k, n)))
+    for key in task.group_by:
+        print("\n".join(by_group(rows, key)))
+    print(f"strict accuracy (answer in the {args.prompt_style} format): "
+          f"{stages.ratio(sum(r['correct'] and r['compliant'] for r in rows), n)}")
+    print(f"format compliance: {stages.ratio(sum(r['compliant'] for r in rows), n)}")
+    print(f"mean generated tokens: {n_tokens / n:.1f}")
+    steps = [sum(r["steps"][i] for r in rows) for i in (0, 1)]
+    print(f"step validity (true arithmetic statements): {stages.ratio(*steps)}")
+    if "upev" in rows[0]:
+        print("\n".join(stages.summary(rows)))
+    if args.calculator:
+        print(f"calculator calls per answer: {sum(len(DONE.findall(r['output'])) for r in rows) / n:.2f}")
+    if seconds is not None:
+        print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")
+    print(f"predictions: {out}")
+    if args.report:
+        Path(args.report).write_text(markdown_report(rows, title, args.max_new_tokens))
+        print(f"report: {args.report}")
+    print(f"accuracy: {k / n:.4f} ({k}/{n})")
+
+
+def load_task(spec: str):
+    try:
+        return tasks.load_task(spec)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--task: {e}")
+
+
+def rescore(args):
+    """The lines of an earlier --out graded again by --task, without generating: the same report and --out lines."""
+    task, path = load_task(args.task or "gsm8k"), Path(args.rescore)
+    if not path.is_file():
+        raise SystemExit(f"--rescore: no such file {path}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if not {"question", "gold", "output", "tokens", "stopped"} <= r.keys()]
+    if not rows or bad:
+        raise SystemExit(f"--rescore: {path} line {bad[0] if bad else 1} is not a line eval.py --out wrote")
+    rows = [row | judged(task, row["question"], row["gold"], row["output"], args.prompt_style) for row in rows]
+    print(f"rescoring {len(rows)} predictions of {path} | task {args.task or 'gsm8k'} | {args.prompt_style} format")
+    report(args, task, rows, Path(args.out or path.with_suffix(".rescored.jsonl")), f"{path} rescored")
+
+
 def main():
     args = parse_config(EvalConfig, description=__doc__)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
+    if args.rescore:
+        return rescore(args)
 
     # Every input is checked before the (slow) model load.
     adapter, cfg = resolve_model_flags(args)
+    task_name = args.task or cfg.get("task", "gsm8k")  # an adapter is scored on its own task
+    task = load_task(task_name)
     upev = cfg.get("format") == "upev"  # the step-aware figures, for an adapter trained in that format
     limit = args.limit if args.limit is not None else cfg.get("test_samples", 50)  # 50: the run recorded none
     try:
-        records = data.load_records(args.data, split=args.split)[:limit if limit > 0 else None]
+        source = args.data or task.source(args.split)
+        numbered = task.load(source, args.split)[:limit if limit > 0 else None]
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data: {e}")
-    for i, record in enumerate(records):
-        if not isinstance(record.get("question"), str) or data.gold_answer(record) is None:
-            raise SystemExit(f"--data: {args.data} record {i} needs a 'question' and an 'answer' ending in '#### N'")
-    if not records:
-        raise SystemExit(f"--data: {args.data} ({args.split}) holds no records")
+    for i, (where, record) in enumerate(numbered):
+        if not task.usable(record):  # a score over fewer problems than asked would mislead: refused, not skipped
+            raise SystemExit(f"--data: {source} record {i} ({where}) needs {task.needs}")
+    if not numbered:
+        raise SystemExit(f"--data: {source} ({args.split}) holds no records")
+    records = [record for _, record in numbered]
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     net, tokenizer = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(net, tokenizer, adapter)
     print(f"model {args.model} | adapter {adapter} | {args.quantize} {args.dtype} on {args.device} | "
-          f"{args.prompt_style} prompts | {len(records)} problems from {args.data} | "
+          f"{args.prompt_style} prompts | task {task_name} | {len(records)} problems from {source} | "
           f"calculator {'on' if args.calculator else 'off'}")
-    prompts = [data.prompt_ids(tokenizer, r["question"], args.prompt_style, args.system) for r in records]
+    prompts = [data.prompt_ids(tokenizer, task.question(r), args.prompt_style, args.system) for r in records]
 
     # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -103,33 +177,13 @@ def main():
         new_ids, _ = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
                               on_token=lambda row, token: tokens.update(), calculator=args.calculator)
         seconds += time.perf_counter() - t0
-        for i, ids in zip(batch, new_ids):
-            rows[i] = score(records[i], ids, tokenizer, args.prompt_style, upev)
+        for i, ids in zip(batch, new_ids):  # graded here, in the main thread: math-verify's timeouts need it
+            rows[i] = score(task, records[i], ids, tokenizer, args.prompt_style, upev)
         done = order[: start + len(batch)]
         bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
     tokens.close()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    n, k, n_tokens = len(rows), sum(r["correct"] for r in rows), sum(r["tokens"] for r in rows)
-    print("accuracy, 95% Wilson interval: [{:.4f}, {:.4f}]".format(*wilson(k, n)))
-    print(f"strict accuracy (answer in the {args.prompt_style} format): "
-          f"{stages.ratio(sum(r['correct'] and r['compliant'] for r in rows), n)}")
-    print(f"format compliance: {stages.ratio(sum(r['compliant'] for r in rows), n)}")
-    print(f"mean generated tokens: {n_tokens / n:.1f}")
-    steps = [sum(r["steps"][i] for r in rows) for i in (0, 1)]
-    print(f"step validity (true arithmetic statements): {stages.ratio(*steps)}")
-    if upev:
-        print("\n".join(stages.summary(rows)))
-    if args.calculator:
-        print(f"calculator calls per answer: {sum(len(DONE.findall(r['output'])) for r in rows) / n:.2f}")
-    print(f"generation: {n_tokens / seconds:.1f} tok/s ({n_tokens} tokens in {seconds:.1f}s)")
-    print(f"predictions: {out}")
-    if args.report:
-        Path(args.report).write_text(markdown_report(rows, f"{args.model} + {adapter}, {args.prompt_style} prompts, "
-                                                           f"{args.data} ({args.split})", args.max_new_tokens))
-        print(f"report: {args.report}")
-    print(f"accuracy: {k / n:.4f} ({k}/{n})")
+    report(args, task, rows, out, f"{args.model} + {adapter}, {args.prompt_style} prompts, {source} ({args.split})",
+           seconds)
 
 
 if __name__ == "__main__":

@@ -66,14 +66,16 @@ def step_validity(text: str) -> tuple[int, int]:
     return sum(ok for _, _, ok in found), len(found)
 
 
-def rewards(text: str, gold: str, style: str, stopped: bool) -> dict[str, float]:
-    """RL's reward parts; a completion cut at the length limit has no answer yet and earns nothing."""
+def rewards(text: str, gold: str, style: str, stopped: bool, read=answer_span, judge=None) -> dict[str, float]:
+    """RL's reward parts; a completion cut at the length limit has no answer yet and earns nothing. A task brings
+    its own `read(text, style)` of the answer and `judge(answer, gold)`; by default GSM8K's numeric comparison."""
     if not stopped:
         return {"correct": 0.0, "format": 0.0, "reasoning": 0.0}
     shape = strict_format(text, style)
     true, total = step_validity(shape["think"]) if shape else (0, 0)
-    return {"correct": float(is_correct(normalize(answer_span(text, style)), normalize(gold))),
-            "format": float(shape is not None), "reasoning": true / total if total else 0.0}
+    answer = read(text, style)
+    correct = judge(answer, gold) if judge else is_correct(normalize(answer), normalize(gold))
+    return {"correct": float(correct), "format": float(shape is not None), "reasoning": true / total if total else 0.0}
 
 
 def last_boxed(text: str) -> str | None:
@@ -87,6 +89,13 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             return rest[:i]
     return None
+
+
+def unbox(text: str) -> str:
+    """Text with each \\boxed{...} replaced by its content ("so $\\boxed{72}$." -> "so $72$.")."""
+    head, found, rest = text.rpartition("\\boxed{")
+    content = last_boxed(text)
+    return text if content is None else unbox(head) + content + rest[len(content) + 1:]
 
 
 def extract_answer(text: str) -> str | None:

@@ -168,7 +168,8 @@ def read_metrics(path: Path) -> list[dict]:
 class LoopConfig:
     """The fields both loops have, with the SFT recipe's defaults; train.py's and rl.py's configs add their own."""
     model: str = DEFAULT_MODEL  # hub repo id or local Hugging Face checkpoint folder
-    data: str = "openai/gsm8k"  # hub dataset (config "main") or local .jsonl/.json/.parquet with question/answer
+    task: str = "gsm8k"  # gsm8k, math, or your own task's file path/to/task.py (docs/tasks.md)
+    data: str = ""  # hub dataset or local .jsonl/.json/.parquet of the task's records; empty: the task's own
     quantize: Literal["nf4", "none"] = "nf4"  # base weights: nf4 (QLoRA) or none (16-bit LoRA)
     lora_r: int = 16  # rank of a new adapter
     lora_alpha: float = 32  # a new adapter's update is scaled by lora_alpha / lora_r
@@ -205,7 +206,7 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # the package has its name
         problems.append(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
                         f"(pip install {cfg.report_to}), or use --report_to none")
-    if data.is_local(cfg.data) and not Path(cfg.data).is_file():
+    if cfg.data and data.is_local(cfg.data) and not Path(cfg.data).is_file():  # empty: the task's own
         problems.append(f"--data {cfg.data}: no such file")
     if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
         problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "

@@ -1,7 +1,7 @@
 """Reinforcement learning with verifiable rewards on an NF4 base + LoRA: GRPO and its variants, as one loop.
 
     python rl.py                                   # GRPO from the SFT adapter (outputs/lora_adapter) on GSM8K train
-    python rl.py --algo lpro --group_size 4        # the Nexus recipe (LPRO); --algo infused: Infused Phi-2's
+    python rl.py --algo lpro --task math           # the Nexus recipe (LPRO) on MATH; --algo infused: Infused Phi-2's
     python eval.py --adapter outputs/rl_adapter    # the result, scored as always
 
 At ppo_epochs 1 the loss is 0 by construction (ρ ≡ 1) while its gradient is not: watch the reward and the accuracy.
@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 import config
 import data
-import grade
 import lora
 import loop
+import tasks
 from generate import generate, stopped
 from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
 from tinyreason import Config, token_logprobs
@@ -34,14 +34,14 @@ PRESETS = {
     "dr_grpo": dict(advantage="none", eps_high=0.2, loss_agg="const", ppo_epochs=1, beta=0.0, zero_std="keep"),
     "dapo": dict(advantage="group", eps_high=0.28, loss_agg="token", ppo_epochs=1, beta=0.0, zero_std="drop"),
     "lpro": dict(advantage="group", eps_high=0.28, loss_agg="token", ppo_epochs=4, beta=0.0, zero_std="drop",
-                 length_penalty=0.1),
+                 length_penalty=0.1, group_size=4),
     "infused": dict(advantage="none", eps_high=0.2, loss_agg="seq", ppo_epochs=1, beta=0.0, zero_std="keep",
                     reward_weights="1.0,0.3,0.7", format="answer_tags", temperature=0.8, group_size=3),
 }
 PARTS = ("reward", "correct", "format", "reasoning")
 COMMON = dict(length_penalty=0.0, reward_weights="1.0,0.1,0.0", format="tinyreason", temperature=1.0, group_size=8)
-FIXED_ON_RESUME = ("model", "adapter", "data", "zone", "algo", "format", "calculator", "group_size", "prompts_per_step",
-                   "eval_samples", "quantize", "lora_r", "lora_alpha", "target_modules", "seed")
+FIXED_ON_RESUME = ("model", "adapter", "task", "data", "zone", "algo", "format", "calculator", "group_size",
+                   "prompts_per_step", "eval_samples", "quantize", "lora_r", "lora_alpha", "target_modules", "seed")
 
 
 @dataclass
@@ -85,6 +85,7 @@ def parse_config(argv=None) -> RLConfig:
     for key, value in {**COMMON, **PRESETS[cfg.algo]}.items():
         if getattr(cfg, key) is None:
             setattr(cfg, key, value)
+    cfg.data = cfg.data or tasks.load_task(cfg.task).source("train")
     return cfg
 
 
@@ -115,7 +116,7 @@ def question_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
 
 def compute_rewards(texts, completions, golds, ended, cfg) -> dict[str, torch.Tensor]:
     """Reward parts per completion (N,) and their weighted sum under "reward"."""
-    parts = [grade.rewards(t, g, cfg.format, s) for t, g, s in zip(texts, golds, ended)]
+    parts = [tasks.load_task(cfg.task).rewards(t, g, cfg.format, s) for t, g, s in zip(texts, golds, ended)]
     out = {k: torch.tensor([p[k] for p in parts]) for k in PARTS[1:]}
     out["reward"] = sum(w * out[k] for w, k in zip(config.numbers(cfg.reward_weights, 3), PARTS[1:]))
     return out
@@ -219,8 +220,8 @@ def frozen_logprobs(model, batch, cfg, device, autocast, adapter: dict = None):
 
 def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors, cfg, step, device, autocast, lr):
     """Rollout, rewards, advantages and the policy update of one step; returns its statistics and one sample."""
-    G, t0 = cfg.group_size, time.time()
-    prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in questions]
+    G, t0, task = cfg.group_size, time.time(), tasks.load_task(cfg.task)
+    prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in questions]
     model.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
     with autocast:  # the policy the loss computes: fp32 LoRA, compute-dtype matmuls, the whole softmax (top_p 1)
@@ -228,7 +229,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
                                         num_samples=G, generator=generator, calculator=cfg.calculator)
     model.train()
     texts, ended = [tokenizer.decode(c) for c in completions], [stopped(c, tokenizer) for c in completions]
-    r = compute_rewards(texts, completions, [data.gold_answer(q) for q in questions for _ in range(G)], ended, cfg)
+    r = compute_rewards(texts, completions, [task.gold(q) for q in questions for _ in range(G)], ended, cfg)
     lengths = torch.tensor([len(c) for c in completions])
     adv, zero_std = advantages(r["reward"].view(-1, G), lengths.view(-1, G), cfg.advantage, cfg.length_penalty)
     active = torch.tensor(ended) | (not cfg.mask_truncated)
@@ -258,14 +259,14 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
 def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=16) -> tuple[dict, str]:
     """Greedy accuracy and strict-format rate on held-out questions (the rewards' grader), and their log line."""
     model.eval()
-    parts, records = [], records[loop.RANK::loop.WORLD]  # this process's share
+    parts, records, task = [], records[loop.RANK::loop.WORLD], tasks.load_task(cfg.task)  # this process's share
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
-        prompts = [data.prompt_ids(tokenizer, q["question"], cfg.format) for q in chunk]
+        prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in chunk]
         with autocast:
             completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator)
         for q, c in zip(chunk, completions):
-            parts.append(grade.rewards(tokenizer.decode(c), data.gold_answer(q), cfg.format, stopped(c, tokenizer)))
+            parts.append(task.rewards(tokenizer.decode(c), task.gold(q), cfg.format, stopped(c, tokenizer)))
     model.train()
     correct, fmt, n = loop.all_ranks_sum(sum(p["correct"] for p in parts), sum(p["format"] for p in parts), len(parts))
     return ({"accuracy": correct / n, "eval_format": fmt / n},
@@ -289,11 +290,12 @@ def setup(cfg: RLConfig):
     path = resolve_checkpoint(cfg.model)
     if cfg.target_modules:
         lora.check_targets(Config.from_json(path / "config.json"), cfg.target_modules)
-    records = [r for r in data.load_records(cfg.data) if isinstance(r.get("question"), str) and data.gold_answer(r)]
+    task = tasks.load_task(cfg.task)
+    records = task.records(cfg.data, "train", loop.log)
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]
     if cfg.zone:  # distill.py's difficulty counts; one entry per question
         lo, hi = map(int, cfg.zone.split(","))
-        train_q = list({q["question"]: q for q in train_q if lo <= q.get("n_correct", -1) <= hi}.values())
+        train_q = list({task.question(q): q for q in train_q if lo <= q.get("n_correct", -1) <= hi}.values())
     if len(train_q) < cfg.prompts_per_step:
         raise ValueError(f"--data {cfg.data}: {len(train_q)} usable questions after holding out {cfg.eval_samples}")
     loop.log(f"data: {len(train_q)} training questions, {len(eval_q)} held out (the last records of {cfg.data})")

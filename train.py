@@ -2,6 +2,7 @@
 
     python train.py                                    # the recipe: Qwen2.5-1.5B-Instruct, 2000 samples, 250 steps
     python train.py --model /path/to/qwen2 --data path/to/train.jsonl --max_steps 30
+    python train.py --task math                        # MATH's reference solutions; your own task: docs/tasks.md
     python train.py --resume                           # continue the newest checkpoint in --output_dir, as it was
     python train.py --config run.json --max_steps 100  # fields from JSON (e.g. an experiment_config.json); flags win
 
@@ -18,9 +19,11 @@ import torch
 from tqdm import tqdm
 
 import config
+import data
 import lora
 import loop
 import stages
+import tasks
 from data import IGNORE, collate, load_splits, step_batches
 from load import dtype_name, load_base, resolve_checkpoint, resolve_precision
 from loop import log
@@ -28,7 +31,7 @@ from tinyreason import Config, token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
-FIXED_ON_RESUME = ("model", "data", "num_samples", "validation_split", "max_seq_length", "calculator", "format",
+FIXED_ON_RESUME = ("model", "task", "data", "num_samples", "validation_split", "max_seq_length", "calculator", "format",
                    "stage_weights", "quantize", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
                    "verify_adapter", "verify_r", "verify_alpha", "batch_size", "gradient_accumulation_steps", "seed")
 
@@ -51,7 +54,9 @@ class TrainConfig(loop.LoopConfig):
 
 
 def parse_config(argv=None) -> TrainConfig:
-    return config.parse_config(TrainConfig, argv, FIXED_ON_RESUME, __doc__)
+    cfg = config.parse_config(TrainConfig, argv, FIXED_ON_RESUME, __doc__)
+    cfg.data = cfg.data or tasks.load_task(cfg.task).source("train")
+    return cfg
 
 
 def check_config(cfg: TrainConfig):
@@ -61,6 +66,8 @@ def check_config(cfg: TrainConfig):
                  for k in ("validation_split", "lora_dropout") if not 0 <= getattr(cfg, k) < 1]
     if (cfg.stage_weights or cfg.verify_adapter) and cfg.format != "upev":
         problems.append("--stage_weights and --verify_adapter need --format upev (a plain turn has no stages)")
+    if cfg.format == "upev" and cfg.task != "gsm8k":
+        problems.append("--format upev is built from GSM8K's annotated solutions: it needs --task gsm8k")
     if cfg.format == "upev" and cfg.calculator:
         problems.append("--format upev writes its steps without calculator calls: drop --calculator")
     if cfg.stage_weights and not ((w := config.numbers(cfg.stage_weights, 4)) and min(w) >= 0 and sum(w) > 0):
@@ -130,9 +137,13 @@ def main(argv=None) -> dict:
     loop.seed_everything(cfg.seed)
     device, dtype = resolve_precision(cfg.device, cfg.dtype)  # resolved into cfg: experiment_config.json says what ran
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
-    upev = stages.upev_record if cfg.format == "upev" else None
-    train_set, val_set = load_splits(cfg.data, tokenizer, cfg.num_samples, cfg.validation_split, cfg.max_seq_length,
-                                     cfg.seed, log, cfg.calculator, upev)
+    task = tasks.load_task(cfg.task)
+
+    def render(record, calculator=cfg.calculator):  # the record as a question and the assistant turn to train on
+        return stages.upev_record(record) if cfg.format == "upev" else task.sft_record(record, calculator)
+    records = task.records(cfg.data, "train", log, keep=lambda r: data.format_example(render(r, False)) is not None)
+    train_set, val_set = load_splits([render(r) for r in records], tokenizer, cfg.num_samples, cfg.validation_split,
+                                     cfg.max_seq_length, cfg.seed, log, cfg.calculator)
     if cfg.stage_weights:
         stages.weigh_by_stage(tokenizer, train_set, config.numbers(cfg.stage_weights, 4))
     model = load_base(cfg.model, dtype, device, cfg.quantize)

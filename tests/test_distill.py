@@ -107,3 +107,38 @@ def test_rl_zone_keeps_questions_whose_difficulty_is_in_range(tmp_path, monkeypa
     with pytest.raises(Loaded):
         rl.setup(cfg)
     assert captured[0].startswith("data: 4 training questions")
+
+
+def test_distill_on_math_counts_equivalent_boxes_right_and_rl_s_zone_reads_the_counts(tiny_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    problems = [{"problem": f"What is {k}/{2 * k}?", "solution": "\\boxed{\\frac{1}{2}}", "answer": "\\frac{1}{2}"}
+                for k in range(1, 4)]
+    problems[2]["answer"] = "7"  # no sample gets this one right
+    data_file = tmp_path / "math.jsonl"
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in problems))
+    texts = ["Halving: $\\boxed{\\dfrac12}$.", "so \\boxed{0.5}", "so \\boxed{2}", "\\boxed{1/2}"]
+
+    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator):
+        rows = [tok.encode(t) + ([tok.eot_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
+        return rows, [[True] * len(r) for r in rows]
+    monkeypatch.setattr(distill, "generate", generate)
+    lines = run(tiny_checkpoint, data_file, tmp_path / "traces.jsonl", "--task", "math", "--teacher_format", "boxed")
+    assert [line["n_correct"] for line in lines if line["answer"] != "7"] == [2, 2, 2, 2]  # the last text was cut
+    assert lines[0]["assistant"] == "<think>\nso 0.5\n</think>\n\n**Final Answer:** \\boxed{\\frac{1}{2}}"  # shortest
+    assert [line["n_correct"] for line in lines if line["answer"] == "7"] == [0]
+
+    cfg = rl.RLConfig(task="math", data=str(tmp_path / "traces.jsonl"), zone="2,5", eval_samples=0,
+                      prompts_per_step=1, adapter="none", model="x")
+    captured = []
+
+    class Loaded(Exception):  # stop setup where the model would load: the questions are chosen by then
+        pass
+
+    def load_base(*args):
+        raise Loaded
+    monkeypatch.setattr(rl, "load_base", load_base)
+    monkeypatch.setattr(rl, "resolve_checkpoint", lambda path: path)
+    monkeypatch.setattr(rl.loop, "log", captured.append)
+    with pytest.raises(Loaded):
+        rl.setup(cfg)
+    assert captured[-1].startswith("data: 2 training questions")

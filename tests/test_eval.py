@@ -265,3 +265,56 @@ def test_missing_data_file_is_reported_before_loading(tmp_path, tiny_checkpoint,
 def test_missing_model_folder_is_reported(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):
     with pytest.raises(SystemExit, match="--model.*no_model"):
         run_eval(monkeypatch, capsys, "--model", tmp_path / "no_model", "--adapter", "none", "--data", gsm_file)
+
+
+# ---- --task math and --rescore
+
+def test_rescoring_an_eval_out_file_gives_back_its_lines_and_accuracy(tiny_checkpoint, gsm_file, tmp_path,
+                                                                       monkeypatch, capsys):
+    out, again = tmp_path / "preds.jsonl", tmp_path / "again.jsonl"
+    lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", gsm_file,
+                     "--limit", 0, "--out", out)
+    rescored = run_eval(monkeypatch, capsys, "--rescore", out, "--out", again, "--model", "/nowhere")  # no model
+    assert again.read_text() == out.read_text()
+    assert rescored[-1] == lines[-1] and "tok/s" not in "\n".join(rescored)
+
+
+MATH_ROWS = [("What is $1+1$?", "2", "so $\\boxed{2}$.", 1, "Algebra"),
+             ("Add $8$ and $4i$.", "8+4i", "\\boxed{4i+8}", 2, "Algebra"),
+             ("Solve $x+1=4$.", "3", "x = \\boxed{4}", 2, "Prealgebra")]
+
+
+def test_math_eval_judges_the_last_box_and_reports_accuracy_by_level_and_subject(tiny_checkpoint, tmp_path,
+                                                                                 monkeypatch, capsys):
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(dict(problem=q, solution=f"\\boxed{{{a}}}", answer=a, level=lv, subject=s))
+                            + "\n" for q, a, _, lv, s in MATH_ROWS))
+    tok = Tokenizer.from_pretrained(tiny_checkpoint)
+    outputs = {q: tok.encode(o) + [tok.eot_id] for q, _, o, _, _ in MATH_ROWS}
+    monkeypatch.setattr(ev, "generate", lambda model, t, prompts, *a, **kw: (
+        [next(ids for q, ids in outputs.items() if q in t.decode(p)) for p in prompts], None))
+    out = tmp_path / "preds.jsonl"
+    lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--task", "math",
+                     "--data", path, "--limit", 0, "--out", out, "--prompt_style", "boxed")
+    assert [json.loads(line)["correct"] for line in out.read_text().splitlines()] == [True, True, False]
+    assert lines[-1] == "accuracy: 0.6667 (2/3)"
+    report = "\n".join(lines)
+    assert "accuracy by level:\n  1: 1.0000 (1/1)" in report and "  2: 0.5000 (1/2)" in report
+    assert "accuracy by subject:\n  Algebra: 1.0000 (2/2)" in report and "  Prealgebra: 0.0000 (0/1)" in report
+
+
+def test_rescoring_with_another_task_regrades_without_generating(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "preds.jsonl"
+    path.write_text("".join(json.dumps(dict(question=q, gold=a, output=o, level=lv, subject=s, tokens=5,
+                                            stopped=True)) + "\n" for q, a, o, lv, s in MATH_ROWS))
+    gsm = run_eval(monkeypatch, capsys, "--rescore", path)  # GSM8K reads a first number: 4i+8 as 4
+    math = run_eval(monkeypatch, capsys, "--rescore", path, "--task", "math")
+    assert gsm[-1] == "accuracy: 0.3333 (1/3)" and math[-1] == "accuracy: 0.6667 (2/3)"
+    assert (tmp_path / "preds.rescored.jsonl").is_file() and "accuracy by level:" in "\n".join(math)
+
+
+def test_a_file_that_eval_did_not_write_is_refused_for_rescoring(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "other.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "1\n#### 1"}) + "\n")
+    with pytest.raises(SystemExit, match="other.jsonl line 1 is not a line eval.py --out wrote"):
+        run_eval(monkeypatch, capsys, "--rescore", path)

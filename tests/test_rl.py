@@ -358,3 +358,30 @@ def test_a_value_outside_a_flags_choices_is_an_argparse_error_before_any_loading
     with pytest.raises(SystemExit):
         rl.main([flag, value])
     assert f"argument {flag}: invalid choice: '{value}'" in capsys.readouterr().err
+
+
+def test_lpro_takes_the_nexus_card_s_settings():
+    cfg = rl.parse_config(["--algo", "lpro", "--task", "math"])
+    assert (cfg.group_size, cfg.length_penalty, cfg.eps_low, cfg.eps_high, cfg.loss_agg, cfg.ppo_epochs) == \
+        (4, 0.1, 0.2, 0.28, "token", 4)
+    assert cfg.reward_weights == "1.0,0.1,0.0" and cfg.data == "EleutherAI/hendrycks_math"  # the 0.1 format bonus
+
+
+def test_lpro_on_math_rewards_the_equivalent_box_and_the_format_bonus(learnable_checkpoint, tmp_path, monkeypatch):
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps({"problem": f"What is {k}/{2 * k}?", "solution": "\\boxed{\\frac{1}{2}}",
+                                        "answer": "\\frac{1}{2}"}) + "\n" for k in range(1, 9)))
+    tok = Tokenizer.from_pretrained(learnable_checkpoint)
+    texts = ["so \\boxed{0.5}", "so \\boxed{2}", "\\boxed{1/2} or \\boxed{1/2}", "no box: 1/2"]  # G = 4
+
+    def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, num_samples=1, **kw):
+        rows = [tok.encode(texts[j % 4]) + [tok.eot_id] for _ in prompts for j in range(num_samples)]
+        return rows, [[True] * len(r) for r in rows]
+    monkeypatch.setattr(rl, "generate", generate)
+    state = rl.main(["--model", str(learnable_checkpoint), "--adapter", "none", "--task", "math", "--algo", "lpro",
+                     "--format", "boxed", "--data", str(path), "--output_dir", str(tmp_path), "--adapter_path",
+                     str(tmp_path / "adapter"), "--quantize", "none", "--dtype", "fp32", "--lora_r", "4",
+                     "--prompts_per_step", "2", "--eval_samples", "2", "--max_steps", "2", "--save_steps", "2"])
+    # per group: 0.5 right and boxed (1.1), 2 boxed (0.1), two boxes right but not the format (1.0), no box (0)
+    assert state["reward"] == {1: pytest.approx(2.2 / 4), 2: pytest.approx(2.2 / 4)}
+    assert state["accuracy"] == {2: 1.0}  # greedy: the first text
