@@ -9,6 +9,7 @@ only target (docs/training.md):
     **Final Answer:** 72<|im_end|>
 """
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -55,10 +56,10 @@ def read_records(source: str, split: str = "train", config: str | None = "main",
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     if path.suffix == ".jsonl":
-        with open(path) as f:
-            numbered = [(f"line {n}", parse_json(line, path, n)) for n, line in enumerate(f, 1) if line.strip()]
+        numbered = [(f"line {n}", parse_json(line, path, n)) for n, line in enumerate(utf8(path).split("\n"), 1)
+                    if line.strip()]
     elif path.suffix == ".json":
-        records = parse_json(path.read_text(), path)
+        records = parse_json(utf8(path), path)
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {json.dumps(records)[:60]}")
         numbered = [(f"record {i}", r) for i, r in enumerate(records)]
@@ -74,6 +75,30 @@ def read_records(source: str, split: str = "train", config: str | None = "main",
         raise ValueError(f"{path}: no records with {'both ' if len(fields) == 2 else ''}{names} fields "
                          f"(expected a list of {{{', '.join(f'{f!r}: ...' for f in fields)}}} objects)")
     return numbered
+
+
+def utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def read_appended(path: Path, log=print) -> list[dict]:
+    """The records of a JSON-lines file written by appending (metrics.jsonl, distill.py's traces). A torn last line
+    (a kill mid-write, a full disk) is cut from the file, with a note; a bad line before it is an error naming it."""
+    lines, records = [line for line in utf8(path).split("\n") if line.strip()], []
+    for n, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}: line {n} is not JSON") from None
+            log(f"{path}: dropped its last line, cut short when it was written: {line[:40]!r}")
+            tmp = path.with_name(".tmp-" + path.name)  # renamed over it: never half rewritten
+            tmp.write_text("".join(kept + "\n" for kept in lines[:-1]), encoding="utf-8")
+            os.replace(tmp, path)
+    return records
 
 
 def parse_json(text: str, path: Path, line: int = 1):

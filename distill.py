@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import config
 import data
 import grade
@@ -28,7 +29,7 @@ TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by
 
 @dataclass
 class DistillConfig:
-    teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local Qwen2 checkpoint folder
+    teacher: str = "Qwen/Qwen2.5-7B-Instruct"  # hub repo id or local checkpoint folder (Qwen2, Llama or Phi)
     teacher_format: Literal["tinyreason", "boxed"] = "tinyreason"  # the teacher's prompt: ours, or Qwen's math prompt
     adapter: str = "none"  # a LoRA adapter on the teacher, or none
     task: str = "gsm8k"  # gsm8k, math, or path/to/task.py: its questions, gold answers and grader
@@ -74,11 +75,13 @@ def main(argv=None):
     cfg = config.parse_config(DistillConfig, argv, description=__doc__)
     if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
+    if hit := checkpoint.overlapping(Path(cfg.out), {"--data": cfg.data, "--teacher": cfg.teacher}):
+        raise ValueError(f"--out {cfg.out} is, holds or lies inside {hit[0]}: writing there could destroy it")
     task = tasks.load_task(cfg.task)
     records = task.records(cfg.data, cfg.split)
     records = records[:cfg.num_questions] if cfg.num_questions > 0 else records
     out = Path(cfg.out)
-    done = {task.question(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
+    done = {task.question(r) for r in data.read_appended(out)} if out.exists() else set()
     todo = [(i, r) for i, r in enumerate(records) if task.question(r) not in done]
     print(f"distill: {len(records)} questions, {len(done)} already in {out}, {len(todo)} to sample")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)

@@ -20,6 +20,7 @@ import data
 import stages
 import tasks
 from calculator import DONE
+from checkpoint import overlapping
 from generate import generate, stopped
 from grade import is_compliant, step_validity, wilson
 from config import parse_config
@@ -158,6 +159,8 @@ def main():
         raise SystemExit(f"--data: {source} ({args.split}) holds no records")
     records = [record for _, record in numbered]
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
+    if hit := overlapping(out, {"--data": source}):
+        raise SystemExit(f"--out {out} is, holds or lies inside {hit[0]} {source}: writing there would destroy it")
     net, tokenizer = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(net, tokenizer, adapter)
@@ -187,4 +190,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (OSError, ValueError) as e:  # bad flags, files or checkpoints: the message alone says what to do
+        raise SystemExit(f"eval.py: {e}")

@@ -129,7 +129,7 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in read_metrics(self.path) if line["step"] <= resumed_step]
+            kept = [line for line in data.read_appended(self.path, log) if line["step"] <= resumed_step]
             tmp = self.path.with_name(".tmp-" + self.path.name)  # a rename replaces it: never half rewritten
             tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
             os.replace(tmp, self.path)
@@ -149,19 +149,6 @@ class Metrics:
         for key, value in figures.items():
             if self.report and isinstance(value, (int, float)):
                 self.report(key, value, step)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The lines of a metrics.jsonl; a torn last line (a run killed mid-write, a full disk) is dropped, with a note."""
-    lines, records = path.read_text().splitlines(), []
-    for n, line in enumerate(lines, 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise ValueError(f"{path}: line {n} is not JSON") from None
-            log(f"{path}: dropped its last line, cut short when it was written: {line[:40]!r}")
-    return records
 
 
 @dataclass

@@ -191,3 +191,17 @@ def test_step_batches_walk_epochs_in_order_and_resume_from_a_position(tokenizer)
     assert all(torch.equal(a, b) for a, b in zip([mb["input_ids"] for mb in again], seen[9:12]))
     first_epoch = sorted(row[row != tokenizer.pad_id].tolist() for t in seen[:5] for row in t)
     assert first_epoch == sorted(ex["input_ids"] for ex in examples)
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"question": "q", "answer": "a #### 1"}\n', encoding="utf-16")
+    with pytest.raises(ValueError, match=r"train\.jsonl: not UTF-8 text \(byte 0"):
+        data.load_records(str(path))
+
+
+def test_a_torn_last_line_of_an_appended_file_is_cut_from_it_with_a_note(tmp_path):
+    path, notes = tmp_path / "traces.jsonl", []
+    path.write_text('{"question": "a"}\n{"question": "b"}\n{"quest')
+    assert data.read_appended(path, notes.append) == [{"question": "a"}, {"question": "b"}]
+    assert path.read_text() == '{"question": "a"}\n{"question": "b"}\n' and "dropped its last line" in notes[0]

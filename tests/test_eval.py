@@ -262,6 +262,15 @@ def test_missing_data_file_is_reported_before_loading(tmp_path, tiny_checkpoint,
                  tmp_path / "missing.jsonl")
 
 
+def test_an_out_file_that_is_the_data_file_is_refused_before_loading(tiny_checkpoint, gsm_file, monkeypatch, capsys,
+                                                                     no_model_load):
+    before = gsm_file.read_text()
+    with pytest.raises(SystemExit, match="--out .* is, holds or lies inside --data"):
+        run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", gsm_file,
+                 "--out", gsm_file)
+    assert gsm_file.read_text() == before
+
+
 def test_missing_model_folder_is_reported(tmp_path, gsm_file, monkeypatch, capsys, no_model_load):
     with pytest.raises(SystemExit, match="--model.*no_model"):
         run_eval(monkeypatch, capsys, "--model", tmp_path / "no_model", "--adapter", "none", "--data", gsm_file)

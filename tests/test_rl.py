@@ -379,7 +379,7 @@ def test_lpro_on_math_rewards_the_equivalent_box_and_the_format_bonus(learnable_
         return rows, [[True] * len(r) for r in rows]
     monkeypatch.setattr(rl, "generate", generate)
     state = rl.main(["--model", str(learnable_checkpoint), "--adapter", "none", "--task", "math", "--algo", "lpro",
-                     "--format", "boxed", "--data", str(path), "--output_dir", str(tmp_path), "--adapter_path",
+                     "--format", "boxed", "--data", str(path), "--output_dir", str(tmp_path / "run"), "--adapter_path",
                      str(tmp_path / "adapter"), "--quantize", "none", "--dtype", "fp32", "--lora_r", "4",
                      "--prompts_per_step", "2", "--eval_samples", "2", "--max_steps", "2", "--save_steps", "2"])
     # per group: 0.5 right and boxed (1.1), 2 boxed (0.1), two boxes right but not the format (1.0), no box (0)
