@@ -7,6 +7,7 @@ have them), format compliance, one JSON line per problem.
     python eval.py --data my.jsonl --limit 0 --out preds.jsonl
     python eval.py --task math --adapter none --prompt_style boxed --limit 0                 # MATH-500
     python eval.py --task math --rescore preds.jsonl       # grade those predictions again, nothing generated
+    python eval.py --compare base.jsonl tuned.jsonl        # two runs on the same problems, paired: McNemar's test
 """
 import json
 import time
@@ -22,7 +23,7 @@ import tasks
 from calculator import DONE
 from checkpoint import overlapping
 from generate import generate, stopped
-from grade import is_compliant, step_validity, wilson
+from grade import is_compliant, mcnemar_p, step_validity, wilson
 from config import parse_config
 from load import ModelFlags, load_from_flags, resolve_model_flags
 
@@ -40,6 +41,7 @@ class EvalConfig(ModelFlags):
     out: str = None  # one JSON line per problem; default: preds.jsonl in the adapter folder, or in outputs/
     report: str = None  # also write a short Markdown report to this file
     rescore: str = None  # an --out file to grade again with --task: nothing is generated, no model loads
+    compare: tuple[str, ...] = ()  # two --out files of the same problems: paired counts and the exact McNemar p
 
 
 def judged(task, question: str, gold: str, output: str, style: str) -> dict:
@@ -120,18 +122,44 @@ def load_task(spec: str):
         raise SystemExit(f"--task: {e}")
 
 
+def read_out(path: Path, flag: str, needs: set) -> list[dict]:
+    """The lines of an earlier --out file, each with the fields `needs`."""
+    if not path.is_file():
+        raise SystemExit(f"{flag}: no such file {path}")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if not needs <= r.keys()]
+    if not rows or bad:
+        raise SystemExit(f"{flag}: {path} line {bad[0] if bad else 1} is not a line eval.py --out wrote")
+    return rows
+
+
 def rescore(args):
     """The lines of an earlier --out graded again by --task, without generating: the same report and --out lines."""
     task, path = load_task(args.task or "gsm8k"), Path(args.rescore)
-    if not path.is_file():
-        raise SystemExit(f"--rescore: no such file {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows, 1) if not {"question", "gold", "output", "tokens", "stopped"} <= r.keys()]
-    if not rows or bad:
-        raise SystemExit(f"--rescore: {path} line {bad[0] if bad else 1} is not a line eval.py --out wrote")
-    rows = [row | judged(task, row["question"], row["gold"], row["output"], args.prompt_style) for row in rows]
+    rows = [row | judged(task, row["question"], row["gold"], row["output"], args.prompt_style)
+            for row in read_out(path, "--rescore", {"question", "gold", "output", "tokens", "stopped"})]
     print(f"rescoring {len(rows)} predictions of {path} | task {args.task or 'gsm8k'} | {args.prompt_style} format")
     report(args, task, rows, Path(args.out or path.with_suffix(".rescored.jsonl")), f"{path} rescored")
+
+
+def compare(a: Path, b: Path) -> dict:
+    """Two --out files of the same problems, paired: how many both, only A, only B or neither answered right, the
+    exact two-sided McNemar p-value of only A against only B, and each side's accuracy with its interval."""
+    right = [{r["question"]: bool(r["correct"]) for r in read_out(path, "--compare", {"question", "correct"})} for path in (a, b)]
+    if right[0].keys() != right[1].keys():
+        raise SystemExit(f"--compare: {a} and {b} are not the same problems "
+                         f"({len(right[0].keys() ^ right[1].keys())} questions are in one file only)")
+    pairs = [(right[0][q], right[1][q]) for q in right[0]]
+    counts = {name: pairs.count(pair) for name, pair in (("both right", (True, True)), ("only A", (True, False)),
+                                                          ("only B", (False, True)), ("neither", (False, False)))}
+    n, p = len(pairs), mcnemar_p(counts["only A"], counts["only B"])
+    print(f"{n} problems, paired: " + ", ".join(f"{name} {k}" for name, k in counts.items()))
+    for side, path in (("A", a), ("B", b)):
+        k = sum(pair[side == "B"] for pair in pairs)
+        print(f"{side} {path}: accuracy {k / n:.4f} ({k}/{n}), 95% interval [{wilson(k, n)[0]:.3f}, "
+              f"{wilson(k, n)[1]:.3f}]")
+    print(f"exact McNemar p = {p:.4g} (two-sided, {counts['only A'] + counts['only B']} problems on which they differ)")
+    return counts | {"p": p}
 
 
 def main():
@@ -140,6 +168,10 @@ def main():
         raise SystemExit("--batch_size and --max_new_tokens must be at least 1")
     if args.rescore:
         return rescore(args)
+    if args.compare:
+        if len(args.compare) != 2:
+            raise SystemExit(f"--compare takes two --out files, got {len(args.compare)}")
+        return compare(*map(Path, args.compare))
 
     # Every input is checked before the (slow) model load.
     adapter, cfg = resolve_model_flags(args)

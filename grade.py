@@ -152,3 +152,10 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     center = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_p(b: int, c: int) -> float:
+    """The exact two-sided McNemar p-value of b pairs only one side got right against c only the other did: how
+    likely a split at least this uneven is when each such pair is a fair coin (Binomial(b + c, 1/2))."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n) if n else 1.0

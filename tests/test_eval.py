@@ -327,3 +327,36 @@ def test_a_file_that_eval_did_not_write_is_refused_for_rescoring(tmp_path, monke
     path.write_text(json.dumps({"question": "q", "answer": "1\n#### 1"}) + "\n")
     with pytest.raises(SystemExit, match="other.jsonl line 1 is not a line eval.py --out wrote"):
         run_eval(monkeypatch, capsys, "--rescore", path)
+
+
+@pytest.mark.parametrize("b, c", [(29, 13), (0, 0), (5, 0), (3, 3), (1, 9), (40, 38)])
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test_of_the_discordant_pairs(b, c):
+    from scipy.stats import binomtest
+    expected = binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+    assert grade.mcnemar_p(b, c) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mcnemar_of_29_against_13_is_0_02():
+    assert grade.mcnemar_p(29, 13) == pytest.approx(0.01952, abs=1e-5)  # 2 * P(Binomial(42, 1/2) <= 13)
+
+
+def out_file(path, right):
+    path.write_text("".join(json.dumps(dict(question=f"q{i}", gold="1", output="", correct=r)) + "\n"
+                            for i, r in enumerate(right)))
+    return path
+
+
+def test_compare_pairs_two_out_files_by_question(tmp_path, monkeypatch, capsys):
+    a = out_file(tmp_path / "a.jsonl", [True, True, False, False, True])
+    b = out_file(tmp_path / "b.jsonl", [True, False, True, False, False])
+    lines = run_eval(monkeypatch, capsys, "--compare", a, b)
+    assert lines[0] == "5 problems, paired: both right 1, only A 2, only B 1, neither 1"
+    assert lines[1].startswith(f"A {a}: accuracy 0.6000 (3/5)") and lines[2].startswith(f"B {b}: accuracy 0.4000 (2/5)")
+    assert lines[3] == "exact McNemar p = 1 (two-sided, 3 problems on which they differ)"
+
+
+def test_compare_refuses_files_of_different_problems(tmp_path, monkeypatch, capsys):
+    a = out_file(tmp_path / "a.jsonl", [True, True])
+    b = out_file(tmp_path / "b.jsonl", [True, True, False])
+    with pytest.raises(SystemExit, match="are not the same problems \\(1 questions are in one file only\\)"):
+        run_eval(monkeypatch, capsys, "--compare", a, b)
