@@ -177,10 +177,13 @@ def build_example(tokenizer, record: dict, calculator: bool = False) -> dict:
 
 
 def build_examples(tokenizer, records: list[dict], max_seq_length: int, calculator: bool = False):
-    """(examples, n_dropped): examples longer than `max_seq_length` are dropped and counted, not cut."""
-    examples = [build_example(tokenizer, r, calculator) for r in records]
+    """(examples, n_dropped): examples longer than `max_seq_length` are dropped and counted, not cut. A record whose
+    text has more bytes than max_seq_length of the longest tokens hold is too long for certain: dropped untokenized."""
+    bound = max_seq_length * tokenizer.max_token_bytes
+    short = [r for r in records if len("".join(format_example(r, calculator)).encode()) <= bound]
+    examples = [build_example(tokenizer, r, calculator) for r in short]
     kept = [ex for ex in examples if len(ex["input_ids"]) <= max_seq_length]
-    return kept, len(examples) - len(kept)
+    return kept, len(records) - len(kept)
 
 
 def load_splits(records: list[dict], tokenizer, num_samples: int, validation_split: float, max_seq_length: int,

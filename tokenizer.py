@@ -36,6 +36,7 @@ class Tokenizer:
         self.default_system = m[1] if (m := CHATML_SYSTEM.search(template)) else None
         self.dated = "Cutting Knowledge Date" in template  # Llama-3.1 and later: a dated system turn, always
         self.today = "strftime_now" in template  # Llama-3.2: the date of today, else the template's fixed one
+        self.max_token_bytes = max(len(t.encode()) for t in tok.get_vocab())  # no token covers more text than this
 
     @classmethod
     def from_pretrained(cls, folder):

@@ -156,6 +156,14 @@ def test_over_length_examples_are_dropped_and_counted(tokenizer):
     assert len(kept) == len(records) - n_long and all(len(ex["input_ids"]) <= limit for ex in kept)
 
 
+def test_a_record_too_long_for_certain_is_dropped_without_being_tokenized(tokenizer, monkeypatch):
+    huge = {"question": "How many? " * 100_000, "answer": "1 + 1 = 2\n#### 2"}
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text: encode(text) if len(text) < 10_000 else pytest.fail("tokenized"))
+    kept, n_long = data.build_examples(tokenizer, [huge, *gsm8k_records(2)], max_seq_length=512)
+    assert n_long == 1 and len(kept) == 2
+
+
 def test_batches_cover_every_example_once_and_group_similar_lengths():
     lengths = [(i * 37) % 101 + 10 for i in range(200)]
     batches = data.length_grouped_batches(lengths, batch_size=4, seed=3, epoch=0, group=50)
