@@ -144,6 +144,9 @@ def main(argv=None) -> dict:
     records = task.records(cfg.data, "train", log, keep=lambda r: data.format_example(render(r, False)) is not None)
     train_set, val_set = load_splits([render(r) for r in records], tokenizer, cfg.num_samples, cfg.validation_split,
                                      cfg.max_seq_length, cfg.seed, log, cfg.calculator)
+    if (per_step := cfg.batch_size * cfg.gradient_accumulation_steps * world) > len(train_set):
+        raise ValueError(f"--batch_size x --gradient_accumulation_steps x processes = {per_step} examples a step, more "
+                         f"than the {len(train_set)} training examples")
     if cfg.stage_weights:
         stages.weigh_by_stage(tokenizer, train_set, config.numbers(cfg.stage_weights, 4))
     model = load_base(cfg.model, dtype, device, cfg.quantize)

@@ -289,3 +289,10 @@ def test_step_with_non_finite_gradients_is_skipped_not_applied(tiny_checkpoint, 
     saved = adapter_tensors(tmp_path / "adapter")
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert any(k.endswith("lora_B.weight") and t.abs().sum() > 0 for k, t in saved.items())  # step 2 did train
+
+
+def test_a_step_larger_than_the_training_set_is_refused_before_the_model_loads(tiny_checkpoint, gsm8k_file, tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(train, "load_base", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="= 20000000 examples a step, more than the 24 training examples"):
+        train.main(run_flags(tiny_checkpoint, gsm8k_file, tmp_path, "--gradient_accumulation_steps", "10000000"))
