@@ -128,11 +128,14 @@ def clean_leftovers(folder: Path, name: str = "*"):
         shutil.rmtree(leftover, ignore_errors=True)
 
 
-def overlapping(output: Path, inputs: dict[str, str]) -> list[str]:
-    """The inputs (flag -> path) that `output` is, contains or lies inside: writing it could destroy them."""
-    out = output.resolve()
-    return [flag for flag, path in inputs.items() if path and Path(path).exists() and (
-        out == (p := Path(path).resolve()) or out in p.parents or p in out.parents)]
+def overlap(flag: str, output, inputs: dict[str, str]) -> str | None:
+    """The problem with writing `output` (given by `flag`) if it is, holds or lies inside one of the inputs
+    (flag -> path): writing there could destroy it. None if it touches none."""
+    out = Path(output).resolve()
+    for name, path in inputs.items():
+        if path and Path(path).exists() and (out == (p := Path(path).resolve()) or out in p.parents or p in out.parents):
+            return f"{flag} {output} is, holds or lies inside {name} {path}: writing there could destroy it"
+    return None
 
 
 class RunLock:

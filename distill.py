@@ -75,8 +75,8 @@ def main(argv=None):
     cfg = config.parse_config(DistillConfig, argv, description=__doc__)
     if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
         raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
-    if hit := checkpoint.overlapping(Path(cfg.out), {"--data": cfg.data, "--teacher": cfg.teacher}):
-        raise ValueError(f"--out {cfg.out} is, holds or lies inside {hit[0]}: writing there could destroy it")
+    if problem := checkpoint.overlap("--out", cfg.out, {"--data": cfg.data, "--teacher": cfg.teacher}):
+        raise ValueError(problem)
     task = tasks.load_task(cfg.task)
     records = task.records(cfg.data, cfg.split)
     records = records[:cfg.num_questions] if cfg.num_questions > 0 else records

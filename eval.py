@@ -21,7 +21,7 @@ import data
 import stages
 import tasks
 from calculator import DONE
-from checkpoint import overlapping
+from checkpoint import overlap
 from generate import generate, stopped
 from grade import is_compliant, mcnemar_p, step_validity, wilson
 from config import parse_config
@@ -191,8 +191,8 @@ def main():
         raise SystemExit(f"--data: {source} ({args.split}) holds no records")
     records = [record for _, record in numbered]
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
-    if hit := overlapping(out, {"--data": source}):
-        raise SystemExit(f"--out {out} is, holds or lies inside {hit[0]} {source}: writing there would destroy it")
+    if problem := overlap("--out", out, {"--data": source}):
+        raise SystemExit(problem)
     net, tokenizer = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(net, tokenizer, adapter)

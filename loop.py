@@ -201,10 +201,9 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
     if holder := checkpoint.RunLock(cfg.output_dir).holder():
         problems.append(f"--output_dir {cfg.output_dir} is in use by {holder}; wait for it, or choose another")
     inputs = {"--data": cfg.data, "--model": cfg.model, "--adapter": getattr(cfg, "adapter", "")}
-    for flag in ("--output_dir", "--adapter_path"):
-        if hit := checkpoint.overlapping(Path(getattr(cfg, flag[2:])), inputs):
-            problems.append(f"{flag} {getattr(cfg, flag[2:])} is, holds or lies inside {hit[0]} "
-                            f"{inputs[hit[0]]}: writing there could destroy it")
+    for flag in ("output_dir", "adapter_path"):
+        if problem := checkpoint.overlap(f"--{flag}", getattr(cfg, flag), inputs):
+            problems.append(problem)
     if not checkpoint.replaceable(Path(cfg.adapter_path)):
         problems.append(f"--adapter_path {cfg.adapter_path} exists and is not an adapter an earlier run exported: it "
                         "would be replaced, so choose another --adapter_path")

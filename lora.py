@@ -184,12 +184,12 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     args = parser.parse_args()
-    from checkpoint import overlapping
+    from checkpoint import overlap
     from load import resolve_checkpoint  # a hub id is downloaded once
     try:
         model = resolve_checkpoint(args.model)
-        if hit := overlapping(Path(args.out), {"--model": model, "--adapter": args.adapter}):
-            raise ValueError(f"--out {args.out} is, holds or lies inside {hit[0]}: writing there could destroy it")
+        if problem := overlap("--out", args.out, {"--model": model, "--adapter": args.adapter}):
+            raise ValueError(problem)
         export_merged(model, args.adapter, args.out, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:
         raise SystemExit(f"lora.py: {e}")
