@@ -95,10 +95,15 @@ def read_appended(path: Path, log=print) -> list[dict]:
             if n < len(lines):
                 raise ValueError(f"{path}: line {n} is not JSON") from None
             log(f"{path}: dropped its last line, cut short when it was written: {line[:40]!r}")
-            tmp = path.with_name(".tmp-" + path.name)  # renamed over it: never half rewritten
-            tmp.write_text("".join(kept + "\n" for kept in lines[:-1]), encoding="utf-8")
-            os.replace(tmp, path)
+            replace_text(path, "".join(kept + "\n" for kept in lines[:-1]))
     return records
+
+
+def replace_text(path: Path, text: str):
+    """Write `text` as the file `path`, by a rename over it: a kill leaves the old file or the new, never half."""
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def parse_json(text: str, path: Path, line: int = 1):

@@ -145,7 +145,8 @@ def rescore(args):
 def compare(a: Path, b: Path) -> dict:
     """Two --out files of the same problems, paired: how many both, only A, only B or neither answered right, the
     exact two-sided McNemar p-value of only A against only B, and each side's accuracy with its interval."""
-    right = [{r["question"]: bool(r["correct"]) for r in read_out(path, "--compare", {"question", "correct"})} for path in (a, b)]
+    right = [{r["question"]: bool(r["correct"]) for r in read_out(path, "--compare", {"question", "correct"})}
+             for path in (a, b)]
     if right[0].keys() != right[1].keys():
         raise SystemExit(f"--compare: {a} and {b} are not the same problems "
                          f"({len(right[0].keys() ^ right[1].keys())} questions are in one file only)")

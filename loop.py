@@ -130,9 +130,7 @@ class Metrics:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             kept = [line for line in data.read_appended(self.path, log) if line["step"] <= resumed_step]
-            tmp = self.path.with_name(".tmp-" + self.path.name)  # a rename replaces it: never half rewritten
-            tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            data.replace_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self.report = SummaryWriter(Path(cfg.output_dir) / "tensorboard").add_scalar

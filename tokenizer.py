@@ -3,12 +3,13 @@ by hand and tested token for token against the checkpoint's own template: ChatML
 or, for a checkpoint without a template (Phi-2), the plain <|system|>/<|user|>/<|assistant|> lines of the Infused
 card. The template is read only for which format it is and its default system prompt: it never runs.
 """
-import json
 import re
 from datetime import datetime
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+from weights import read_json
 
 # format -> (the token that closes a turn: the loss's last target and a stop; the token that opens one)
 TURN_TOKENS = {"chatml": ("<|im_end|>", "<|im_start|>"), "llama3": ("<|eot_id|>", "<|start_header_id|>"),
@@ -46,7 +47,7 @@ class Tokenizer:
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json")
         tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        config = read_json(folder / "tokenizer_config.json")
+        config = optional_json(folder / "tokenizer_config.json")
         template = config.get("chat_template") or ""
         if isinstance(template, list):  # named templates
             template = next((t["template"] for t in template if t.get("name") == "default"), "")
@@ -54,7 +55,7 @@ class Tokenizer:
             template = (folder / "chat_template.jinja").read_text()
         eos = [text(config.get("eos_token"))]
         for name in ("config.json", "generation_config.json"):
-            ids = read_json(folder / name).get("eos_token_id")
+            ids = optional_json(folder / name).get("eos_token_id")
             eos += [tok.id_to_token(i) for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)]
         try:
             return cls(tok, template, [e for e in dict.fromkeys(eos) if e], text(config.get("pad_token")))
@@ -89,8 +90,9 @@ class Tokenizer:
                            * add_generation_prompt)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+def optional_json(path: Path) -> dict:
+    """A config file's JSON object (weights.read_json names a bad one), or {} when the checkpoint has none."""
+    return read_json(path) if path.exists() else {}
 
 
 def text(token) -> str | None:
