@@ -24,6 +24,7 @@ import checkpoint
 import data
 import lora
 from load import DEFAULT_ADAPTER, DEFAULT_MODEL
+from tinyreason import Config
 
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun), set by init_distributed
 MAX_SKIPPED = 20  # non-finite gradients in a row that stop a run: fp16's scaler halves at most 16 times from 2^16
@@ -206,6 +207,12 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
         problems.append(f"--adapter_path {cfg.adapter_path} exists and is not an adapter an earlier run exported: it "
                         "would be replaced, so choose another --adapter_path")
     return problems
+
+
+def check_target_modules(cfg, folder: Path):
+    """--target_modules against the projections of the checkpoint in `folder`, from its config.json alone."""
+    if cfg.target_modules:
+        lora.check_targets(Config.from_json(folder / "config.json"), cfg.target_modules)
 
 
 class StopAtStepBoundary:

@@ -25,7 +25,7 @@ import loop
 import tasks
 from generate import generate, stopped
 from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
-from tinyreason import Config, token_logprobs
+from tinyreason import token_logprobs
 from tokenizer import Tokenizer
 
 # The algorithms of docs/rl.md. A preset fills the fields left unset (None); a flag given always wins.
@@ -288,8 +288,7 @@ def setup(cfg: RLConfig):
     device, dtype = cfg.device, cfg.dtype
     cfg.device, cfg.dtype, cfg.optim = device.type, dtype_name(dtype), loop.resolve_optim(cfg.optim, device)
     path = resolve_checkpoint(cfg.model)
-    if cfg.target_modules:
-        lora.check_targets(Config.from_json(path / "config.json"), cfg.target_modules)
+    loop.check_target_modules(cfg, path)
     task = tasks.load_task(cfg.task)
     records = task.records(cfg.data, "train", loop.log)
     train_q, eval_q = records[:len(records) - cfg.eval_samples], records[len(records) - cfg.eval_samples:]

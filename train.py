@@ -27,7 +27,7 @@ import tasks
 from data import IGNORE, collate, load_splits, step_batches
 from load import dtype_name, load_base, resolve_checkpoint, resolve_precision
 from loop import log
-from tinyreason import Config, token_logprobs
+from tinyreason import token_logprobs
 from tokenizer import Tokenizer
 
 # Changing one of these on --resume would make the resumed run another run: refused.
@@ -131,8 +131,7 @@ def main(argv=None) -> dict:
     check_config(cfg)
     rank, world = loop.init_distributed()
     path = resolve_checkpoint(cfg.model)  # a wrong --model or --target_modules fails before data loads
-    if cfg.target_modules:
-        lora.check_targets(Config.from_json(path / "config.json"), cfg.target_modules)
+    loop.check_target_modules(cfg, path)
     tokenizer = Tokenizer.from_pretrained(path)
     loop.seed_everything(cfg.seed)
     device, dtype = resolve_precision(cfg.device, cfg.dtype)  # resolved into cfg: experiment_config.json says what ran

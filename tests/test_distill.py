@@ -88,15 +88,13 @@ def test_distill_writes_traces_with_difficulty_and_a_rerun_skips_finished_questi
     assert stub_teacher == [2, 1, 1] and len({line["question"] for line in lines}) == 4  # only the new question
 
 
-def test_rl_zone_keeps_questions_whose_difficulty_is_in_range(tmp_path, monkeypatch):
-    lines = [{**r, "assistant": "", "n_correct": k, "n_samples": 8} for r, k in zip(gsm8k_records(6), (0, 2, 5, 8, 3, 3))]
-    lines.append({**lines[1], "assistant": RIGHT})  # a second trace of a question counts once
-    path = tmp_path / "traces.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    cfg = rl.RLConfig(data=str(path), zone="2,5", eval_samples=0, prompts_per_step=1, adapter="none", model="x")
+def zone_log(monkeypatch, **fields) -> list[str]:
+    """What rl.py's setup logs with --zone 2,5 over `fields`, stopped where the model would load: the questions are
+    chosen by then."""
+    cfg = rl.RLConfig(zone="2,5", eval_samples=0, prompts_per_step=1, adapter="none", model="x", **fields)
     captured = []
 
-    class Loaded(Exception):  # stop setup where the model would load: the questions are chosen by then
+    class Loaded(Exception):
         pass
 
     def load_base(*args):
@@ -106,7 +104,15 @@ def test_rl_zone_keeps_questions_whose_difficulty_is_in_range(tmp_path, monkeypa
     monkeypatch.setattr(rl.loop, "log", captured.append)
     with pytest.raises(Loaded):
         rl.setup(cfg)
-    assert captured[0].startswith("data: 4 training questions")
+    return captured
+
+
+def test_rl_zone_keeps_questions_whose_difficulty_is_in_range(tmp_path, monkeypatch):
+    lines = [{**r, "assistant": "", "n_correct": k, "n_samples": 8} for r, k in zip(gsm8k_records(6), (0, 2, 5, 8, 3, 3))]
+    lines.append({**lines[1], "assistant": RIGHT})  # a second trace of a question counts once
+    path = tmp_path / "traces.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert zone_log(monkeypatch, data=str(path))[0].startswith("data: 4 training questions")
 
 
 def test_distill_on_math_counts_equivalent_boxes_right_and_rl_s_zone_reads_the_counts(tiny_checkpoint, tmp_path,
@@ -127,18 +133,5 @@ def test_distill_on_math_counts_equivalent_boxes_right_and_rl_s_zone_reads_the_c
     assert lines[0]["assistant"] == "<think>\nso 0.5\n</think>\n\n**Final Answer:** \\boxed{\\frac{1}{2}}"  # shortest
     assert [line["n_correct"] for line in lines if line["answer"] == "7"] == [0]
 
-    cfg = rl.RLConfig(task="math", data=str(tmp_path / "traces.jsonl"), zone="2,5", eval_samples=0,
-                      prompts_per_step=1, adapter="none", model="x")
-    captured = []
-
-    class Loaded(Exception):  # stop setup where the model would load: the questions are chosen by then
-        pass
-
-    def load_base(*args):
-        raise Loaded
-    monkeypatch.setattr(rl, "load_base", load_base)
-    monkeypatch.setattr(rl, "resolve_checkpoint", lambda path: path)
-    monkeypatch.setattr(rl.loop, "log", captured.append)
-    with pytest.raises(Loaded):
-        rl.setup(cfg)
-    assert captured[-1].startswith("data: 2 training questions")
+    assert zone_log(monkeypatch, task="math", data=str(tmp_path / "traces.jsonl"))[-1].startswith(
+        "data: 2 training questions")
