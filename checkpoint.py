@@ -87,9 +87,12 @@ class Checkpoints:
     def export_best(self, adapter_path, cfg, scores: dict[int, float]) -> int:
         """Copy the best checkpoint's adapter to adapter_path, with the run's resolved config; returns its step."""
         step = self.best(scores)
-        if processes()[0] == 0:
+        rank, world = processes()
+        if rank == 0:
             with written_in_place(Path(adapter_path), cfg) as tmp:
                 shutil.copytree(self.saved()[step], tmp, ignore=shutil.ignore_patterns("training_state.pt"))
+        if world > 1:
+            dist.barrier()  # every process ends with the export written, none exits while rank 0 still writes
         return step
 
 

@@ -2,6 +2,7 @@
 metrics.jsonl, the common config fields and their checks, and `run`, the loop itself (resume, evaluations,
 checkpoints, Ctrl-C at a step boundary). Each script brings only its own step and evaluation.
 """
+import atexit
 import contextlib
 import importlib.util
 import json
@@ -43,6 +44,7 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        atexit.register(dist.destroy_process_group)  # its threads stopped before exit, not torn down mid-exit
         RANK, WORLD = dist.get_rank(), dist.get_world_size()
     return RANK, WORLD
 
