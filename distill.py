@@ -40,12 +40,12 @@ class DistillConfig:
     keep_per_question: int = 1  # correct, distinct solutions kept per question, shortest first
     temperature: float = 0.7  # sampling temperature
     max_new_tokens: int = 512  # a sample cut here is not kept
-    batch_size: int = 8  # questions per generate call (x samples_per_question rows)
+    batch_size: int = 8  # questions sampled at once (x samples_per_question rows); a finished one's slots refill
     quantize: Literal["nf4", "none"] = "nf4"  # teacher weights: nf4 or none (16-bit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16 (GPU) or fp32
     device: str = "auto"  # cuda, cpu, ...; auto: cuda when available
-    seed: int = 3407  # each batch samples from (seed, its first question's index)
-    out: str = "traces.jsonl"  # one line per question, appended batch by batch; a rerun skips those already in it
+    seed: int = 3407  # a run samples from (seed, its first question's index)
+    out: str = "traces.jsonl"  # one line per question, appended as it ends; a rerun skips those already in it
 
 
 def rewrite(text: str, gold: str, style: str = "tinyreason", task=tasks.GSM8K()) -> str | None:
@@ -88,25 +88,27 @@ def main(argv=None):
     model, tokenizer = load_model(cfg.teacher, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype,
                                   device)
     n, kept, tokens, t0 = cfg.samples_per_question, 0, 0, time.time()
+    system = TEACHER_SYSTEM.format(task.answer_hint)
+    prompts = [data.prompt_ids(tokenizer, task.question(r), cfg.teacher_format, system) for _, r in todo]
+    samples = [[] for _ in todo]  # (text, stopped) of each question's ended samples
     bar = tqdm(total=len(todo), desc="distill", unit="question")
-    for start in range(0, len(todo), cfg.batch_size):
-        batch = todo[start:start + cfg.batch_size]
-        generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + batch[0][0])
-        system = TEACHER_SYSTEM.format(task.answer_hint)
-        prompts = [data.prompt_ids(tokenizer, task.question(r), cfg.teacher_format, system) for _, r in batch]
-        completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n,
-                                  generator=generator)
-        lines, tokens = [], tokens + sum(map(len, completions))
-        for j, (_, record) in enumerate(batch):
-            samples = [(tokenizer.decode(c), stopped(c, tokenizer)) for c in completions[j * n:(j + 1) * n]]
-            traces, n_correct = select(samples, task.gold(record), cfg.keep_per_question, cfg.teacher_format, task)
-            lines += [json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n})
-                      for t in traces or [""]]
+
+    def ended(row, ids):  # a question's line is appended once its last sample ends: a rerun samples the rest again
+        nonlocal kept, tokens
+        (_, record), got = todo[row // n], samples[row // n]
+        got.append((tokenizer.decode(ids), stopped(ids, tokenizer)))
+        tokens += len(ids)
+        if len(got) == n:
+            traces, n_correct = select(got, task.gold(record), cfg.keep_per_question, cfg.teacher_format, task)
+            with open(out, "a") as f:
+                f.writelines(json.dumps({**record, "assistant": t, "n_correct": n_correct, "n_samples": n}) + "\n"
+                             for t in traces or [""])
             kept += len(traces)
-        with open(out, "a") as f:  # whole batches only: an interrupted batch is sampled again on the rerun
-            f.writelines(line + "\n" for line in lines)
-        bar.update(len(batch))
-        bar.set_postfix(kept=f"{kept}/{bar.n}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+            bar.update()
+            bar.set_postfix(kept=f"{kept}/{bar.n}", tok_s=f"{tokens / (time.time() - t0):.0f}")
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + (todo[0][0] if todo else 0))
+    generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n, generator=generator,
+             batch_size=cfg.batch_size * n, on_done=ended)
     bar.close()
     print(f"kept {kept} traces for {len(todo)} questions -> {out}")
 

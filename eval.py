@@ -35,7 +35,7 @@ class EvalConfig(ModelFlags):
     data: str = ""  # hub dataset or local .jsonl/.json/.parquet of the task's records; empty: the task's own
     split: str = "test"  # the hub dataset's split
     limit: int = None  # problems to score; default: the training's test_samples; 0: all
-    batch_size: int = 16  # prompts per generate call
+    batch_size: int = 32  # answers generated at once; a finished one's slot takes the next problem
     max_new_tokens: int = 512  # an answer is cut here
     prompt_style: Literal["tinyreason", "boxed"] = "tinyreason"  # the training prompt, or Qwen's math prompt
     out: str = None  # one JSON line per problem; default: preds.jsonl in the adapter folder, or in outputs/
@@ -202,22 +202,23 @@ def main():
           f"calculator {'on' if args.calculator else 'off'}")
     prompts = [data.prompt_ids(tokenizer, task.question(r), args.prompt_style, args.system) for r in records]
 
-    # Longest prompts first: similar lengths share a batch (less padding), and an out-of-memory shows at once.
+    # Longest prompts first: similar lengths share a prefill (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    rows, seconds = [None] * len(prompts), 0.0
-    bar = tqdm(range(0, len(order), args.batch_size), desc="eval", unit="batch")
-    tokens = tqdm(desc="generated", unit="tok", position=1)  # a long batch shows life, and its speed
-    for start in bar:
-        batch = order[start: start + args.batch_size]
-        t0 = time.perf_counter()
-        new_ids, _ = generate(net, tokenizer, [prompts[i] for i in batch], args.max_new_tokens, temperature=0.0,
-                              on_token=lambda row, token: tokens.update(), calculator=args.calculator)
-        seconds += time.perf_counter() - t0
-        for i, ids in zip(batch, new_ids):  # graded here, in the main thread: math-verify's timeouts need it
-            rows[i] = score(task, records[i], ids, tokenizer, args.prompt_style, upev)
-        done = order[: start + len(batch)]
-        bar.set_postfix(acc=f"{sum(rows[i]['correct'] for i in done) / len(done):.3f}")
-    tokens.close()
+    rows = [None] * len(prompts)
+    bar = tqdm(total=len(order), desc="eval", unit="problem")
+    tokens = tqdm(desc="generated", unit="tok", position=1)  # a long answer shows life, and its speed
+
+    def graded(row, ids):  # in the main thread, as each answer ends: math-verify's timeouts need it
+        i = order[row]
+        rows[i] = score(task, records[i], ids, tokenizer, args.prompt_style, upev)
+        bar.update()
+        bar.set_postfix(acc=f"{sum(r['correct'] for r in rows if r) / bar.n:.3f}")
+    t0 = time.perf_counter()
+    generate(net, tokenizer, [prompts[i] for i in order], args.max_new_tokens, temperature=0.0,
+             batch_size=args.batch_size, on_token=lambda row, token: tokens.update(), on_done=graded,
+             calculator=args.calculator)
+    seconds = time.perf_counter() - t0
+    bar.close(), tokens.close()
     report(args, task, rows, out, f"{args.model} + {adapter}, {args.prompt_style} prompts, {source} ({args.split})",
            seconds)
 

@@ -1,12 +1,69 @@
-"""Batched generation with a KV cache: left-padded prompts, rows that leave the batch when they stop, greedy or
-nucleus sampling, and the calculator tool writing its results into the rows that call it.
+"""Batched generation with a KV cache: left-padded prompts, greedy or nucleus sampling, the calculator tool writing
+its results into the rows that call it, and a batch kept full (continuous batching): a row that stops leaves, and
+the next prompts take the free slots, prefilled and appended to the cache while the others decode on.
 
-    tokens, sampled = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, temperature=0.0)
+    tokens, sampled = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, batch_size=64)
 """
 import torch
 
 from calculator import tool_output
-from tinyreason import KVCache
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: (L, slots, n_kv, capacity, hd), and each slot's token id and
+    real-token flag. All rows write their next token at column `len`; a row's own tokens are the columns its mask
+    marks, so rows that joined later sit right-aligned with the left of their row masked. `keep` moves the rows
+    still generating to the front, `append` adds prefilled rows after them, `compact` drops leading columns that
+    only finished rows used."""
+
+    def __init__(self, config, batch, capacity, dtype, device):
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: a masked slot is never NaN garbage
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
+        self.batch, self.len, self.capacity = batch, 0, capacity
+
+    def update(self, layer, k, v):  # k, v: (B, n_kv, T, hd) -> everything cached so far
+        end = self.len + k.shape[2]
+        self.k[layer, :self.batch, :, self.len:end] = k
+        self.v[layer, :self.batch, :, self.len:end] = v
+        return self.k[layer, :self.batch, :, :end], self.v[layer, :self.batch, :, :end]
+
+    def keep(self, rows):
+        n = len(rows)
+        for t in (self.k, self.v):  # only the slots written so far move
+            t[:, :n, :, :self.len] = t[:, rows, :, :self.len]
+        for t in (self.ids, self.mask, self.next_pos):
+            t[:n] = t[rows]
+        self.batch, self.len = n, self.len if n else 0
+
+    def shift(self, delta):
+        """Every row's columns moved by delta (left when negative: the first -delta columns are dropped)."""
+        src, dst, b = slice(max(0, -delta), self.len), slice(max(0, delta), self.len + delta), self.batch
+        for t in (self.k, self.v):
+            for layer in t:  # a layer at a time: the copy's peak is one layer's cache
+                layer[:b, :, dst] = layer[:b, :, src].clone()
+        for t in (self.ids, self.mask):
+            t[:b, dst] = t[:b, src].clone()
+        self.mask[:b, :max(0, delta)] = False
+        self.len += delta
+
+    def compact(self):
+        self.shift(-int(self.mask[:self.batch, :self.len].any(0).nonzero()[0]))
+
+    def append(self, other: "KVCache"):
+        """other's rows (prompts just prefilled) after this cache's, right-aligned: their last column is len - 1."""
+        n, T = other.batch, other.len
+        if T > self.len:
+            self.shift(T - self.len)
+        rows, cols = slice(self.batch, self.batch + n), slice(self.len - T, self.len)
+        self.k[:, rows, :, cols], self.v[:, rows, :, cols] = other.k[:, :n, :, :T], other.v[:, :n, :, :T]
+        self.ids[rows], self.mask[rows] = 0, False
+        self.ids[rows, cols], self.mask[rows, cols] = other.ids[:n, :T], other.mask[:n, :T]
+        self.next_pos[rows] = other.next_pos[:n]
+        self.batch += n
 
 
 def sample(logits, temperature, top_p, generator=None):
@@ -41,50 +98,78 @@ def stopped(ids: list[int], tokenizer) -> bool:
     return bool(ids) and ids[-1] in tokenizer.stop_ids
 
 
+def prefill(model, prompts, num_samples, pad_id):
+    """Hidden states (P * n, D) of the prompts' last positions and the cache of their prompts, each prompt's row
+    repeated num_samples times: its samples share its prefill."""
+    ids, pad_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
+    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1], model.model.embed_tokens.weight.dtype,
+                    ids.device)
+    cache.batch = len(prompts)
+    x = model(ids, pad_mask, cache)[:, -1]  # (P, D)
+    if num_samples > 1:  # row i becomes rows i*n .. i*n+n-1 (keep gathers before it writes: safe in place)
+        cache.keep(torch.arange(cache.batch, device=ids.device).repeat_interleave(num_samples))
+        x = x.repeat_interleave(num_samples, 0)
+    return x, cache
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
-             num_samples=1, generator=None, calculator=False) -> tuple[list[list[int]], list[list[bool]]]:
+             num_samples=1, generator=None, calculator=False, batch_size=None,
+             on_done=None) -> tuple[list[list[int]], list[list[bool]]]:
     """Continue each prompt (a list of token ids) `num_samples` times until a stop token or max_new_tokens.
 
     Returns the new tokens of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1), ending with
     the stop token when the row stopped, and for each token whether the model sampled it. With `calculator`, a
     row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens in place of its samples, while
-    the batch decodes on: those are marked not sampled (RL does not train on them). Finished rows leave the batch,
-    and a prompt's samples share its prefill. `on_token(row, token)` sees every new token but the stop."""
-    device = model.lm_head.weight.device
+    the batch decodes on: those are marked not sampled (RL does not train on them). At most `batch_size` rows
+    (default: all) decode at once; when a row stops, prompts waiting take the free slots. `on_token(row, token)`
+    sees every new token but the stop, `on_done(row, tokens)` each row as it ends."""
+    if not prompts:
+        return [], []
+    n, device = num_samples, model.lm_head.weight.device
+    slots = max(batch_size or len(prompts) * n, n)  # one prompt's samples always fit
     stop = torch.tensor(stop_ids or tokenizer.stop_ids, device=device)
-    ids, pad_mask = left_pad(prompts, tokenizer.pad_id, device)
-    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1] + max_new_tokens,
+    span = max(map(len, prompts)) + max_new_tokens  # the most columns one row uses
+    cache = KVCache(model.config, slots, span + span // 4 * (slots < len(prompts) * n),  # room to refill
                     model.model.embed_tokens.weight.dtype, device)
-    cache.batch = len(prompts)
-    x = model(ids, pad_mask, cache)[:, -1]  # (P, D)
-    if num_samples > 1:  # row i becomes rows i*n .. i*n+n-1 (keep gathers before it writes: safe in place)
-        cache.keep(torch.arange(cache.batch, device=device).repeat_interleave(num_samples))
-        x = x.repeat_interleave(num_samples, 0)  # (P * n, D)
-    rows = list(range(cache.batch))  # the output row of each live row
-    tokens, sampled = [[] for _ in rows], [[] for _ in rows]
-    queued = [[] for _ in rows]  # what the calculator will still write in each row
-    for step in range(max_new_tokens):
+    cache.batch, waiting = 0, list(range(len(prompts)))
+    refill = max(1, slots // 8)  # free slots that make a prefill worth its pass over the weights
+    rows, x = [], None  # the output row of each live row, and their last hidden states (b, D)
+    tokens, sampled = [[] for _ in range(len(prompts) * n)], [[] for _ in range(len(prompts) * n)]
+    queued = [[] for _ in tokens]  # what the calculator will still write in each row
+    while True:
+        free = slots - len(rows)
+        if waiting and free >= max(n, min(refill, len(waiting) * n)):
+            taken, waiting = waiting[:free // n], waiting[free // n:]
+            x_new, new = prefill(model, [prompts[i] for i in taken], n, tokenizer.pad_id)
+            cache.append(new)
+            rows += [i * n + j for i in taken for j in range(n)]
+            x = x_new if x is None else torch.cat([x, x_new])
+        if not rows:
+            return tokens, sampled
         token = sample(model.lm_head(x).float(), temperature, top_p, generator)  # (b,)
         by_tool = [bool(queued[r]) for r in rows]
         if any(by_tool):  # the tool's next token replaces the row's sample; the batch stays one batch
             token = torch.tensor([queued[r].pop(0) if f else t for r, t, f in zip(rows, token.tolist(), by_tool)],
                                  device=device)
-        done = torch.isin(token, stop)
-        for r, t, d, f in zip(rows, token.tolist(), done.tolist(), by_tool):  # one host sync per step
+        is_stop, done = torch.isin(token, stop).tolist(), []  # one host sync per step
+        for r, t, f, s in zip(rows, token.tolist(), by_tool, is_stop):
             tokens[r].append(t)
             sampled[r].append(not f)
-            if on_token and not d:
+            done.append(s or len(tokens[r]) == max_new_tokens)
+            if on_token and not s:
                 on_token(r, t)
-            if calculator and not d and tokenizer.decode([t]).endswith("=") and (
+            if calculator and not done[-1] and tokenizer.decode([t]).endswith("=") and (
                     written := tool_output(tokenizer.decode(tokens[r]))):
                 queued[r] = tokenizer.encode(written)
-        if done.all() or step == max_new_tokens - 1:
-            break
-        if done.any():
-            live = (~done).nonzero().squeeze(1)
-            rows = [rows[i] for i in live.tolist()]
-            cache.keep(live)
+        if any(done):
+            live = [i for i, d in enumerate(done) if not d]
+            for r in (r for r, d in zip(rows, done) if d and on_done):
+                on_done(r, tokens[r])
+            rows, x = [rows[i] for i in live], None
+            cache.keep(torch.tensor(live, dtype=torch.long, device=device))
             token = token[live]
-        x = model(token[:, None], None, cache)[:, -1]
-    return tokens, sampled
+        if rows:
+            if cache.len == cache.capacity:
+                cache.compact()
+            x = model(token[:, None], None, cache)[:, -1]

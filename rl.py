@@ -256,17 +256,16 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
 
 
 @torch.no_grad()
-def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=16) -> tuple[dict, str]:
+def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=32) -> tuple[dict, str]:
     """Greedy accuracy and strict-format rate on held-out questions (the rewards' grader), and their log line."""
     model.eval()
-    parts, records, task = [], records[loop.RANK::loop.WORLD], tasks.load_task(cfg.task)  # this process's share
-    for i in range(0, len(records), batch_size):
-        chunk = records[i:i + batch_size]
-        prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in chunk]
-        with autocast:
-            completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator)
-        for q, c in zip(chunk, completions):
-            parts.append(task.rewards(tokenizer.decode(c), task.gold(q), cfg.format, stopped(c, tokenizer)))
+    records, task = records[loop.RANK::loop.WORLD], tasks.load_task(cfg.task)  # this process's share
+    prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in records]
+    with autocast:
+        completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator,
+                                  batch_size=batch_size)
+    parts = [task.rewards(tokenizer.decode(c), task.gold(q), cfg.format, stopped(c, tokenizer))
+             for q, c in zip(records, completions)]
     model.train()
     correct, fmt, n = loop.all_ranks_sum(sum(p["correct"] for p in parts), sum(p["format"] for p in parts), len(parts))
     return ({"accuracy": correct / n, "eval_format": fmt / n},

@@ -7,7 +7,7 @@ some checkpoints). Llama is Qwen2 without the q/k/v biases (Llama-3.1's long-con
 feeds one LayerNorm to attention and a GELU MLP side by side (x + attn(ln(x)) + mlp(ln(x))), rotates only part of
 each head, and has biases everywhere. Config's switches are all that differ (docs/architectures.md). Module names
 are each checkpoint's own, so loading is a plain name match. The tokenizer is in tokenizer.py, generation in
-generate.py, NF4 storage in quant.py, LoRA in lora.py.
+generate.py (its KV cache too), NF4 storage in quant.py, LoRA in lora.py.
 """
 import math
 from dataclasses import dataclass
@@ -146,35 +146,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x[..., :d // 2], x[..., d // 2:d]
     rotated = x[..., :d] * cos + torch.cat((-x2, x1), dim=-1) * sin
     return rotated if d == x.shape[-1] else torch.cat((rotated, x[..., d:]), dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer, preallocated for the whole generation: (L, B, n_kv, max_len, hd), and each
-    slot's token id and real-token flag. Left-padded rows all write at the same index; `keep` moves the rows still
-    generating to the front, in place."""
-
-    def __init__(self, config: Config, batch, max_len, dtype, device):
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.ids = torch.zeros(batch, max_len, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
-        self.batch, self.len = batch, 0
-
-    def update(self, layer, k, v):  # k, v: (B, n_kv, T, hd) -> everything cached so far
-        end = self.len + k.shape[2]
-        self.k[layer, :self.batch, :, self.len:end] = k
-        self.v[layer, :self.batch, :, self.len:end] = v
-        return self.k[layer, :self.batch, :, :end], self.v[layer, :self.batch, :, :end]
-
-    def keep(self, rows):
-        n = len(rows)
-        for t in (self.k, self.v):  # only the slots written so far move
-            t[:, :n, :, :self.len] = t[:, rows, :, :self.len]
-        for t in (self.ids, self.mask, self.next_pos):
-            t[:n] = t[rows]
-        self.batch = n
 
 
 class Attention(nn.Module):

@@ -55,12 +55,20 @@ def test_a_boxed_teacher_sample_becomes_our_format_with_its_whole_reasoning():
 @pytest.fixture
 def stub_teacher(monkeypatch):
     """The teacher answers every question with RIGHT, LONGER, a wrong answer and an unfinished one."""
+    return teach(monkeypatch, [RIGHT, LONGER, RIGHT.replace("72", "9"), RIGHT])
+
+
+def teach(monkeypatch, texts) -> list:
+    """distill.generate answers each question with `texts`, all but the last stopped, its rows ending in reverse
+    order; returns the calls' (prompts, batch_size)."""
     calls = []
 
-    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator):
-        calls.append(len(prompts))
-        texts = [RIGHT, LONGER, RIGHT.replace("72", "9"), RIGHT]
-        rows = [tok.encode(t) + ([tok.eot_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
+    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator, batch_size, on_done):
+        calls.append((len(prompts), batch_size))
+        rows = [tok.encode(t) + ([tok.eot_id] if i < len(texts) - 1 else []) for _ in prompts
+                for i, t in enumerate(texts)]
+        for row, ids in reversed(list(enumerate(rows))):
+            on_done(row, ids)
         return rows, [[True] * len(r) for r in rows]
     monkeypatch.setattr(distill, "generate", generate)
     return calls
@@ -82,10 +90,10 @@ def test_distill_writes_traces_with_difficulty_and_a_rerun_skips_finished_questi
     assert all((line["n_correct"], line["n_samples"]) == (2, 4) for line in natalia)
     others = [line for line in lines if line["question"] != NATALIA["question"]]
     assert len(others) == 2 and all(line["assistant"] == "" and line["n_correct"] == 0 for line in others)
-    assert stub_teacher == [2, 1]
+    assert stub_teacher == [(3, 8)]  # 2 questions x 4 samples decode at once
 
     lines = run(tiny_checkpoint, data_file, tmp_path / "traces.jsonl", "--num_questions", "4")
-    assert stub_teacher == [2, 1, 1] and len({line["question"] for line in lines}) == 4  # only the new question
+    assert stub_teacher == [(3, 8), (1, 8)] and len({line["question"] for line in lines}) == 4  # only the new question
 
 
 def zone_log(monkeypatch, **fields) -> list[str]:
@@ -122,15 +130,11 @@ def test_distill_on_math_counts_equivalent_boxes_right_and_rl_s_zone_reads_the_c
     problems[2]["answer"] = "7"  # no sample gets this one right
     data_file = tmp_path / "math.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in problems))
-    texts = ["Halving: $\\boxed{\\dfrac12}$.", "so \\boxed{0.5}", "so \\boxed{2}", "\\boxed{1/2}"]
-
-    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator):
-        rows = [tok.encode(t) + ([tok.eot_id] if i < 3 else []) for _ in prompts for i, t in enumerate(texts)]
-        return rows, [[True] * len(r) for r in rows]
-    monkeypatch.setattr(distill, "generate", generate)
+    teach(monkeypatch, ["Halving: $\\boxed{\\dfrac12}$.", "so \\boxed{0.5}", "so \\boxed{2}", "\\boxed{1/2}"])
     lines = run(tiny_checkpoint, data_file, tmp_path / "traces.jsonl", "--task", "math", "--teacher_format", "boxed")
     assert [line["n_correct"] for line in lines if line["answer"] != "7"] == [2, 2, 2, 2]  # the last text was cut
-    assert lines[0]["assistant"] == "<think>\nso 0.5\n</think>\n\n**Final Answer:** \\boxed{\\frac{1}{2}}"  # shortest
+    first = [line for line in lines if line["problem"] == problems[0]["problem"]]
+    assert first[0]["assistant"] == "<think>\nso 0.5\n</think>\n\n**Final Answer:** \\boxed{\\frac{1}{2}}"  # shortest
     assert [line["n_correct"] for line in lines if line["answer"] == "7"] == [0]
 
     assert zone_log(monkeypatch, task="math", data=str(tmp_path / "traces.jsonl"))[-1].startswith(

@@ -135,6 +135,16 @@ def run_eval(monkeypatch, capsys, *flags):
     return capsys.readouterr().out.strip().splitlines()
 
 
+def answering(answer):
+    """A stand-in for eval's generate: each prompt's answer is answer(prompt), each row ended through on_done."""
+    def generate(model, tok, prompts, *args, on_done, **kw):
+        rows = [answer(p) for p in prompts]
+        for row, ids in enumerate(rows):
+            on_done(row, ids)
+        return rows, [[True] * len(ids) for ids in rows]
+    return generate
+
+
 def greedy(model, tokenizer, prompt, n=6):
     return tokenizer.decode(generate(model, tokenizer, [prompt], n)[0][0])
 
@@ -173,8 +183,7 @@ def test_a_right_answer_in_the_trained_format_is_scored_correct_end_to_end(tiny_
     path.write_text(json.dumps(natalia) + "\n")
     answer = "<think>\nx\n</think>\n\n**Final Answer:** 72"
     ids = Tokenizer.from_pretrained(tiny_checkpoint).encode(answer)
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, *a, **kw: ([ids for _ in prompts],
-                                                                               [[True] * len(ids) for _ in prompts]))
+    monkeypatch.setattr(ev, "generate", answering(lambda prompt: ids))
     out = tmp_path / "preds.jsonl"
     lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", path,
                      "--limit", 0, "--out", out)
@@ -300,8 +309,7 @@ def test_math_eval_judges_the_last_box_and_reports_accuracy_by_level_and_subject
                             + "\n" for q, a, _, lv, s in MATH_ROWS))
     tok = Tokenizer.from_pretrained(tiny_checkpoint)
     outputs = {q: tok.encode(o) + [tok.eot_id] for q, _, o, _, _ in MATH_ROWS}
-    monkeypatch.setattr(ev, "generate", lambda model, t, prompts, *a, **kw: (
-        [next(ids for q, ids in outputs.items() if q in t.decode(p)) for p in prompts], None))
+    monkeypatch.setattr(ev, "generate", answering(lambda p: next(ids for q, ids in outputs.items() if q in tok.decode(p))))
     out = tmp_path / "preds.jsonl"
     lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--task", "math",
                      "--data", path, "--limit", 0, "--out", out, "--prompt_style", "boxed")

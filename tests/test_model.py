@@ -13,9 +13,9 @@ import data
 import load
 import loop
 import weights
-from generate import generate, left_pad, sample
+from generate import KVCache, generate, left_pad, prefill, sample
 from load import resolve_checkpoint
-from tinyreason import KVCache, Decoder, Config
+from tinyreason import Decoder, Config
 from tokenizer import Tokenizer
 
 
@@ -210,6 +210,62 @@ def test_batched_greedy_equals_one_by_one_even_when_rows_stop_early(tiny):
     batched = greedy(model, tok, prompts, 30, stop_ids=stop)
     assert len({len(o) for o in batched}) > 1, "rows should stop at different steps"
     assert batched == [greedy(model, tok, [p], 30, stop_ids=stop)[0] for p in prompts]
+
+
+def early_stop(model, tok, prompts, n):
+    """Stop tokens that make rows of these prompts end at different steps (a random model seldom emits its own)."""
+    first = greedy(model, tok, prompts, n)
+    return [tok.eot_id, min(t for row in first for t in row if any(t not in other for other in first))]
+
+
+def test_a_batch_smaller_than_the_prompts_refills_its_free_slots_and_gives_the_same_tokens(tiny, monkeypatch):
+    model, tok = tiny
+    prompts = [q[-12:] for q in questions(tok, 8)]  # short prompts: their 30 new tokens fill the cache
+    stop = early_stop(model, tok, prompts, 30)
+    compactions = []
+    monkeypatch.setattr(KVCache, "compact", lambda self, f=KVCache.compact: (compactions.append(self.len), f(self)))
+    alone = [greedy(model, tok, [p], 30, stop_ids=stop)[0] for p in prompts]
+    assert greedy(model, tok, prompts, 30, stop_ids=stop, batch_size=3) == alone
+    assert compactions, "rows joining later should have filled the cache and made it drop finished rows' columns"
+
+
+def test_the_samples_of_a_prompt_join_the_batch_together(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 3)
+    out = greedy(model, tok, prompts, 12, num_samples=2, batch_size=3)  # room for one prompt's 2 samples at a time
+    assert out == [row for p in prompts for row in greedy(model, tok, [p], 12) * 2]
+
+
+def test_on_done_sees_each_row_once_when_it_ends_with_all_its_tokens(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 4)
+    stop = early_stop(model, tok, prompts, 20)
+    ended, lengths = [], {}
+    out = greedy(model, tok, prompts, 20, stop_ids=stop, batch_size=2,
+                 on_token=lambda row, t: lengths.__setitem__(row, lengths.get(row, 0) + 1),
+                 on_done=lambda row, ids: ended.append((row, lengths.get(row, 0), list(ids))))
+    assert sorted(ended) == [(row, len(o) - (o[-1] in stop), o) for row, o in enumerate(out)]
+
+
+def test_compacting_and_appending_keep_every_row_s_own_keys_in_order(tiny):
+    model, tok = tiny
+    prompts = questions(tok, 3)
+
+    def cached(cache, row):  # a row's real keys of layer 0, in column order
+        return cache.k[0, row, :, :cache.len][:, cache.mask[row, :cache.len]]
+
+    _, a = prefill(model, prompts[:2], 1, tok.pad_id)
+    _, b = prefill(model, prompts[2:], 1, tok.pad_id)
+    cache = KVCache(model.config, 3, 2 * a.len + b.len, torch.float32, "cpu")
+    cache.batch = 0
+    cache.append(a)
+    cache.keep(torch.tensor([1]))  # the first row finished
+    cache.shift(b.len)  # as if it had decoded on
+    cache.compact()
+    cache.append(b)
+    for row, (src, i) in enumerate([(a, 1), (b, 0)]):
+        torch.testing.assert_close(cached(cache, row), cached(src, i), rtol=0, atol=0)
+    assert cache.mask[:2, :cache.len].any(0)[0], "compact leaves no leading column unused by every row"
 
 
 @pytest.mark.parametrize("which", EVERY_ARCHITECTURE)
