@@ -49,15 +49,18 @@ def test_the_decoding_limit_reads_every_weight_but_the_embedding_rows(tiny_check
         assert hw["limit_tok_s"] == pytest.approx(min(bandwidth_bound, compute_bound))
 
 
-@pytest.mark.slow  # two workers load the tiny model
+@pytest.mark.slow  # two workers load the tiny model, three times
 def test_baseline_runs_another_checkout_s_own_side_in_place_of_the_peer(tiny_checkpoint):
-    """--baseline DIR: here the same checkout on both sides, so both generate exactly the same tokens."""
+    """--baseline DIR: here the same checkout on both sides, so both generate exactly the same tokens, in a sweep of
+    two batch sizes and a whole eval of 3 prompts 2 at a time."""
     out = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench.py"), "--model", str(tiny_checkpoint), "--data", str(GSM8K),
-         "--steps", "0", "--rounds", "1", "--gen_batch", "2", "--gen_tokens", "8", "--dtype", "fp32",
-         "--baseline", str(ROOT)],
+         "--steps", "0", "--rounds", "1", "--gen_sweep", "1,2", "--gen_batch", "2", "--gen_tokens", "8",
+         "--eval_problems", "3", "--dtype", "fp32", "--baseline", str(ROOT)],
         capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"\| +TinyReason \| +baseline \|", out.stdout)
-    replies = re.findall(r"bench: gen_(ours|peer) run 1: tokens (\d+),", out.stdout)
-    assert len(replies) == 2 and replies[0][1] == replies[1][1]
+    for mode in ("gen", "eval"):
+        replies = re.findall(rf"bench: {mode}_(ours|peer) run 1: tokens (\d+),", out.stdout)
+        assert len(replies) == 2 * (mode == "gen") + 2 and len({tokens for _, tokens in replies[-2:]}) == 1
+    assert [row.split("|")[1].strip() for row in re.findall(r"^\| \d+ \|.*", out.stdout, re.M)] == ["1", "2"]

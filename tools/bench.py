@@ -22,7 +22,9 @@ transformers' generate prefills all P x G rows and decodes them all until the lo
 is the peer's step seconds / ours (> 1: ours is faster), like ratio and gen_ratio for training and generation.
 """
 import argparse
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the TinyReason checkout this file belongs to
+# The TinyReason checkout this file belongs to, or BENCH_CODE's: eval's --baseline side runs this file on older code.
+sys.path.insert(0, os.environ.get("BENCH_CODE") or str(Path(__file__).resolve().parents[1]))
 from load import resolve_precision  # noqa: E402
 from loop import peak_memory_gb  # noqa: E402
 
@@ -44,7 +47,10 @@ class BenchConfig:
     steps: int = 3  # timed training steps per side, after one untimed warm-up step (0: no training)
     batch_size: int = 2
     seq_len: int = 256  # every training sequence is cut to this many tokens
-    gen_batch: int = 16
+    gen_batch: int = 16  # prompts generated at once
+    gen_sweep: str = ""  # e.g. 1,16,64: one generation lockstep per batch size, a table with the limit beside each
+    eval_problems: int = 0  # > 0: a whole greedy eval of this many prompts, gen_batch rows at once (ours refills
+    # the slots of ended rows with the next prompts; the peer generates them gen_batch at a time, as eval loops do)
     gen_tokens: int = 256  # at most, per prompt: GSM8K answers end between about 100 and 300 tokens
     rounds: int = 2  # timed generations per side, after one untimed warm-up (0: no generation)
     no_peer: bool = False
@@ -66,10 +72,12 @@ def training_batches(cfg, tokenizer):
     return [collate(examples[i:i + cfg.batch_size], tokenizer.pad_id) for i in range(0, len(examples), cfg.batch_size)]
 
 
-def gen_prompts(cfg, tokenizer):
+def gen_prompts(cfg, tokenizer, n=None):
+    """The first n (default gen_batch) questions of --data as chat prompts, longest first as eval.py orders them."""
     from data import load_records
-    records = load_records(cfg.data)[:cfg.gen_batch]
-    return [tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records]
+    records = load_records(cfg.data)[:n or cfg.gen_batch]
+    return sorted((tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records), key=len,
+                  reverse=True)
 
 
 def adamw_steps(model, loss_of, cfg, device, dtype):
@@ -146,6 +154,45 @@ def gen_peer(cfg, device, dtype):
         out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
                              eos_token_id=list(stop), pad_token_id=tok.pad_id)[:, T:].tolist()
         return {"tokens": sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)}  # to stops
+    return run
+
+
+def eval_ours(cfg, device, dtype):
+    import inspect
+    from generate import generate, stopped
+    from load import load_model
+    model, tok = load_model(cfg.model, None, "none", dtype, device)
+    prompts = gen_prompts(cfg, tok, cfg.eval_problems)
+    if "batch_size" in inspect.signature(generate).parameters:
+        def run_all(prompts, n):
+            return generate(model, tok, prompts, n, batch_size=cfg.gen_batch)[0]
+    else:  # a version without refilling (--baseline): eval.py's loop over batches
+        def run_all(prompts, n):
+            return [row for i in range(0, len(prompts), cfg.gen_batch)
+                    for row in generate(model, tok, prompts[i:i + cfg.gen_batch], n)[0]]
+    return lambda i: {"tokens": sum(len(row) - stopped(row, tok) for row in run_all(
+        prompts if i else prompts[:cfg.gen_batch], cfg.gen_tokens if i else 2))}
+
+
+def eval_peer(cfg, device, dtype):
+    from transformers import AutoModelForCausalLM
+    from generate import left_pad
+    from load import resolve_checkpoint
+    from tokenizer import Tokenizer
+    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
+    tok = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
+    prompts, stop = gen_prompts(cfg, tok, cfg.eval_problems), tok.stop_ids
+
+    @torch.inference_mode()
+    def run(i):
+        tokens = 0
+        for start in range(0, len(prompts) if i else cfg.gen_batch, cfg.gen_batch):
+            ids, mask = left_pad(prompts[start:start + cfg.gen_batch], tok.pad_id, device)
+            out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2,
+                                 do_sample=False, eos_token_id=list(stop), pad_token_id=tok.pad_id)
+            tokens += sum(next((j for j, t in enumerate(row) if t in stop), len(row))
+                          for row in out[:, ids.shape[1]:].tolist())
+        return {"tokens": tokens}
     return run
 
 
@@ -275,12 +322,17 @@ def hardware_limit(cfg, device, dtype) -> dict:
     a = torch.ones(4096, 4096, device=device, dtype=dtype)
     tflops = 2 * 4096**3 / best(lambda: a @ a) / 1e12
     step_gb = n * torch.finfo(dtype).bits / 8 / 1e9
-    return dict(read_gb_s=read_gb_s, gemm_tflops=tflops, step_gb=step_gb,
-                limit_tok_s=min(cfg.gen_batch * read_gb_s / step_gb, tflops * 1e12 / (2 * n)))
+    hw = dict(read_gb_s=read_gb_s, gemm_tflops=tflops, step_gb=step_gb, weights=n)
+    return hw | dict(limit_tok_s=limit(hw, cfg.gen_batch))
+
+
+def limit(hw: dict, batch: int) -> float:
+    """The most new tokens/s a batch of `batch` rows can decode: the weights' read time or their FLOPs, the larger."""
+    return min(batch * hw["read_gb_s"] / hw["step_gb"], hw["gemm_tflops"] * 1e12 / (2 * hw["weights"]))
 
 
 WORKERS = {"train_ours": train_ours, "train_peer": train_peer, "gen_ours": gen_ours, "gen_peer": gen_peer,
-           "rl_ours": rl_ours, "rl_peer": rl_peer}
+           "eval_ours": eval_ours, "eval_peer": eval_peer, "rl_ours": rl_ours, "rl_peer": rl_peer}
 
 
 def serve(name, cfg):
@@ -303,15 +355,17 @@ def lockstep(names, cfg, n_items):
     each side in turn: a slow spell of a shared machine hits both alike. Item 0 warms up and is not counted.
     Returns {name: each figure summed over the timed items, peak_gb the highest}."""
     cmd = [sys.executable, __file__, "--cfg", json.dumps(asdict(cfg)), "--worker"]
+    commands, env = {name: cmd + [name] for name in names}, {name: None for name in names}
     if cfg.baseline:  # the other checkout's bench.py runs its own side in place of the peer's
         other = next(p for p in (Path(cfg.baseline) / "tools/bench.py", Path(cfg.baseline) / "bench.py") if p.exists())
-        config = json.dumps({k: v for k, v in asdict(cfg).items() if k != "baseline"})
-        commands = {name: [sys.executable, str(other), "--cfg", config, "--worker", name.replace("_peer", "_ours")]
-                    if name.endswith("_peer") else cmd + [name] for name in names}
-    else:
-        commands = {name: cmd + [name] for name in names}
-    procs = {name: subprocess.Popen(commands[name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for name in names}
+        config = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("baseline", "gen_sweep", "eval_problems")})
+        for name in (n for n in names if n.endswith("_peer")):
+            if name == "eval_peer":  # older versions have no eval mode: this file's, on the other checkout's code
+                commands[name], env[name] = cmd + ["eval_ours"], os.environ | {"BENCH_CODE": str(Path(cfg.baseline))}
+            else:
+                commands[name] = [sys.executable, str(other), "--cfg", config, "--worker", name.replace("_peer", "_ours")]
+    procs = {name: subprocess.Popen(commands[name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                    env=env[name]) for name in names}
     totals = {name: {} for name in names}
     for i in range(n_items):
         for name, proc in procs.items():
@@ -350,10 +404,15 @@ def main():
     if cfg.rl_steps and cfg.rl_prompts * cfg.rl_group % cfg.rl_micro_batch:
         raise SystemExit(f"bench: --rl_micro_batch {cfg.rl_micro_batch} must divide --rl_prompts x --rl_group")
     sides = ("ours",) if cfg.no_peer else ("ours", "peer")
-    r = {}
-    for mode, n in (("train", cfg.steps), ("gen", cfg.rounds), ("rl", cfg.rl_steps)):
+    r, sweep = {}, {}
+    for mode, n in (("train", cfg.steps), ("rl", cfg.rl_steps), ("eval", cfg.rounds * (cfg.eval_problems > 0))):
         if n:
             r |= lockstep([f"{mode}_{s}" for s in sides], cfg, n + 1)
+    for batch in [int(b) for b in cfg.gen_sweep.split(",") if b] or [cfg.gen_batch] * (cfg.rounds > 0):
+        sweep[batch] = lockstep([f"gen_{s}" for s in sides], dataclasses.replace(cfg, gen_batch=batch),
+                                cfg.rounds + 1)
+    if sweep:
+        r |= sweep.get(cfg.gen_batch, sweep[max(sweep)])  # the figures of gen_batch (else the largest) in the table
 
     def pair(mode, figure, per=1):
         """(ours, peer): a figure summed over the timed items, divided by the figure `per` or by a number; NaN
@@ -364,6 +423,8 @@ def main():
             ("peak_gb", "QLoRA train peak memory (GB)", pair("train", "peak_gb")),
             ("gen_tok_s", "greedy generation new tokens/s", pair("gen", "tokens", "seconds")),
             ("gen_peak_gb", "generation peak memory (GB)", pair("gen", "peak_gb")),
+            ("eval_tok_s", f"whole eval new tokens/s ({cfg.eval_problems} prompts)", pair("eval", "tokens", "seconds")),
+            ("eval_peak_gb", "whole eval peak memory (GB)", pair("eval", "peak_gb")),
             ("rl_step_s", "GRPO step seconds", pair("rl", "seconds", cfg.rl_steps)),
             ("rl_new_tokens", "GRPO new tokens a step", pair("rl", "new_tokens", cfg.rl_steps)),
             ("rl_gen_tok_s", "GRPO rollout new tokens/s", pair("rl", "new_tokens", "rollout_s")),
@@ -375,17 +436,23 @@ def main():
     for _, label, (ours, peer) in rows:
         if ours == ours:  # not NaN: the mode ran
             print(f"| {label:40} | {ours:10.2f} | {peer:10.2f} | {ours / peer:6.2f} |")
-    if cfg.rounds:
+    if sweep:
         hw = hardware_limit(cfg, *resolve_precision(cfg.device, cfg.dtype))
-        ours, peer = pair("gen", "tokens", "seconds")
         print(f"\nhardware limit: reads {hw['read_gb_s']:.1f} GB/s, GEMM {hw['gemm_tflops']:.2f} TFLOP/s; a decoding "
-              f"step reads {hw['step_gb']:.2f} GB of weights: at most {hw['limit_tok_s']:.0f} new tokens/s at batch "
-              f"{cfg.gen_batch}. TinyReason is at {ours / hw['limit_tok_s']:.0%} of it, the peer at "
-              f"{peer / hw['limit_tok_s']:.0%}.")
+              f"step reads {hw['step_gb']:.2f} GB of weights.\n")
+        print("| generation batch | TinyReason tok/s | peer tok/s | ratio | limit tok/s | TinyReason | peer |")
+        print("|--:|--:|--:|--:|--:|--:|--:|")
+        for batch, t in sweep.items():
+            ours, peer = (t[f"gen_{s}"]["tokens"] / t[f"gen_{s}"]["seconds"] if f"gen_{s}" in t else float("nan")
+                          for s in ("ours", "peer"))
+            most = limit(hw, batch)
+            print(f"| {batch} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f} | {most:.0f} | {ours / most:.0%} | "
+                  f"{peer / most:.0%} |")
         r["hw"] = hw
     keys = {prefix + key: v for key, _, both in rows for prefix, v in zip(("", "peer_"), both)} | r.get("hw", {})
     keys |= dict(ratio=keys["train_tok_s"] / keys["peer_train_tok_s"], rl_ratio=keys["peer_rl_step_s"] /
-                 keys["rl_step_s"], gen_ratio=keys["gen_tok_s"] / keys["peer_gen_tok_s"])  # each > 1: we are faster
+                 keys["rl_step_s"], gen_ratio=keys["gen_tok_s"] / keys["peer_gen_tok_s"],
+                 eval_ratio=keys["eval_tok_s"] / keys["peer_eval_tok_s"])  # each > 1: we are faster
     print(" ".join(f"{k}={round(v, 4)}" for k, v in keys.items()))
 
 
