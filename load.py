@@ -3,7 +3,6 @@ the precision they resolve to, a local folder or hub download, the base in 16 bi
 
     model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", "outputs/lora_adapter", "nf4", torch.bfloat16, "cuda")
 """
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import lora
 from quant import footprint_gb, quantize_block
 from tinyreason import Decoder
 from tokenizer import Tokenizer
+from weights import POSITIVE_INT, check_fields, inside, read_json
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_ADAPTER = "outputs/lora_adapter"  # where train.py exports its best adapter
@@ -125,7 +125,7 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
         except (OSError, ValueError) as e:
             raise SystemExit(f"--adapter: {e}")
         if (path := adapter / "experiment_config.json").is_file():
-            run = json.loads(path.read_text())
+            run = read_json(path)
         args.model = args.model or run.get("model") or base
     args.model = args.model or DEFAULT_MODEL
     args.quantize = args.quantize or run.get("quantize", "nf4")
@@ -134,10 +134,23 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
     return adapter, run
 
 
-def load_from_flags(args, adapter: Path | None) -> tuple[Decoder, Tokenizer]:
-    """load_model for resolved flags; a missing checkpoint ends the script with the flag's name."""
+def model_folder(args) -> Path:
+    """The --model checkpoint's folder (a hub id downloaded once); a missing one ends the script naming the flag."""
     try:
-        resolve_checkpoint(args.model)
+        return resolve_checkpoint(args.model)
     except OSError as e:
         raise SystemExit(f"--model: {e}")
+
+
+def load_from_flags(args, adapter: Path | None) -> tuple[Decoder, Tokenizer]:
+    """load_model for resolved flags."""
+    model_folder(args)
     return load_model(args.model, adapter, args.quantize, args.dtype, args.device)
+
+
+def context_length(folder) -> int | None:
+    """The most tokens the checkpoint reads, prompt and answer together: max_position_embeddings of its config.json
+    (None if it does not say)."""
+    path = inside(folder, "config.json")
+    check_fields(path, raw := read_json(path), {"max_position_embeddings": POSITIVE_INT})
+    return raw.get("max_position_embeddings")
