@@ -17,7 +17,7 @@ from torch import nn
 
 from quant import dequantize, replace_linears
 from tinyreason import Decoder
-from weights import FINITE, POSITIVE_INT, PROBABILITY, check_fields, inside, read_header, read_json
+from weights import FINITE, POSITIVE_INT, PROBABILITY, TEXT, check_fields, inside, read_header, read_json
 
 MERGED_MARK = "merged_from.json"  # in a merge's folder: what it was made of, and that a later merge may replace it
 
@@ -112,7 +112,8 @@ def read_adapter_config(adapter_dir) -> dict:
                          f"{targets!r}, unsupported options {used})")
     if missing := [k for k in ("r", "lora_alpha") if config.get(k) is None]:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
-    check_fields(path, config, dict(r=POSITIVE_INT, lora_alpha=FINITE, lora_dropout=PROBABILITY))
+    check_fields(path, config, dict(r=POSITIVE_INT, lora_alpha=FINITE, lora_dropout=PROBABILITY,
+                                    base_model_name_or_path=TEXT))
     return config
 
 

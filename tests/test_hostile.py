@@ -159,6 +159,8 @@ ADAPTER_FILES = {  # family: (file of the adapter folder, its damage, what the l
                                  "{folder}: 'adapter_model.safetensors' is not a file of this folder"),
     "NaN": ("adapter_model.safetensors", poison,
             f"{{folder}}/adapter_model.safetensors: tensor {FIRST} holds non-finite values"),
+    "config": ("adapter_config.json", set_fields(base_model_name_or_path=5),
+               "{folder}/adapter_config.json: base_model_name_or_path is 5, expected a string"),
 }
 
 
@@ -200,6 +202,7 @@ RESUMED = {  # family: (file of the run's output_dir, its damage, what the line 
                                           "{run}/checkpoint-000001: 'adapter_model.safetensors' is not a file of"),
     "NaN": ("checkpoint-000001/adapter_model.safetensors", poison, "holds non-finite values"),
     "torn lines": ("metrics.jsonl", tear_line(1), "{run}/metrics.jsonl: line 1 is not JSON"),
+    "a line that is no object": ("metrics.jsonl", write("[1]\n"), "{run}/metrics.jsonl: line 1 is not a JSON object"),
     "a torn training state": ("checkpoint-000001/training_state.pt", lambda p: p.write_bytes(p.read_bytes()[:1000]),
                               "{run}/checkpoint-000001/training_state.pt: not a training state of this run"),
 }
@@ -214,26 +217,33 @@ def test_a_hostile_checkpoint_to_resume_is_refused_in_one_line(capsys, tmp_path,
     assert message.format(run=run) in line
 
 
+def nest(path):
+    path.write_text(path.read_text() + "[" * 100_000 + "]" * 100_000 + "\n")  # deeper than json.loads goes
+
+
 @pytest.mark.parametrize("script", ["train.py", "rl.py", "eval.py", "distill.py"])
-def test_a_data_file_with_a_broken_line_is_named_with_the_line(capsys, tmp_path, tiny_checkpoint, gsm, script):
-    data = hostile(gsm.parent, tmp_path / "data", gsm.name, tear_line(2)) / gsm.name
+@pytest.mark.parametrize("damage, line", [(tear_line(2), 2), (nest, 9)], ids=["torn", "nested too deep"])
+def test_a_data_file_with_a_broken_line_is_named_with_the_line(capsys, tmp_path, tiny_checkpoint, gsm, script, damage,
+                                                               line):
+    data = hostile(gsm.parent, tmp_path / "data", gsm.name, damage) / gsm.name
     argv = command(script, tiny_checkpoint, "none", data, tmp_path / "out")
-    assert f"{data}, line 2: not valid JSON" in refusal(capsys, script, *argv)
+    assert f"{data}, line {line}: not valid JSON" in refusal(capsys, script, *argv)
 
 
-FLAGS = {  # entry point: (a flag with a value no run can use, what the line says)
-    "train.py": (["--learning_rate", "nan"], "--learning_rate must be a finite number (got nan)"),
-    "rl.py": (["--temperature", "nan"], "--temperature must be a finite number (got nan)"),
-    "eval.py": (["--batch_size", "0"], "--batch_size and --max_new_tokens must be at least 1"),
-    "chat.py": (["--temperature", "nan"], "need a finite --temperature >= 0"),
-    "distill.py": (["--temperature", "nan"], "--temperature a finite number > 0"),
-    "lora.py": (["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
-}
+FLAGS = [  # (entry point, a flag with a value no run can use, what the line says)
+    ("train.py", ["--learning_rate", "nan"], "--learning_rate must be a finite number (got nan)"),
+    ("rl.py", ["--temperature", "nan"], "--temperature must be a finite number (got nan)"),
+    ("eval.py", ["--batch_size", "0"], "--batch_size and --max_new_tokens must be at least 1"),
+    ("chat.py", ["--temperature", "nan"], "need a finite --temperature >= 0"),
+    ("distill.py", ["--temperature", "nan"], "--temperature a finite number > 0"),
+    ("lora.py", ["--dtype", "fp8"], "argument --dtype: invalid choice: 'fp8'"),
+    *((script, ["--device", "gpu"], "--device gpu: not a device") for script in ENTRY_POINTS[:5]),
+]
 
 
-@pytest.mark.parametrize("script", FLAGS)
-def test_a_flag_no_run_can_use_is_refused_naming_the_flag(capsys, tmp_path, tiny_checkpoint, adapter, gsm, script):
-    flags, message = FLAGS[script]
+@pytest.mark.parametrize("script, flags, message", FLAGS, ids=[f"{s} {f[0]}" for s, f, _ in FLAGS])
+def test_a_flag_no_run_can_use_is_refused_naming_the_flag(capsys, tmp_path, tiny_checkpoint, adapter, gsm, script,
+                                                          flags, message):
     argv = command(script, tiny_checkpoint, adapter if script == "lora.py" else "none", gsm, tmp_path / "out")
     assert message in refusal(capsys, script, *argv, *flags)
 
@@ -250,6 +260,14 @@ def test_a_config_file_field_of_the_wrong_type_is_refused_naming_the_file_and_fi
     argv = command(script, tiny_checkpoint, "none", gsm, tmp_path / "out")
     assert f"{tmp_path / 'run.json'}: {field} {value!r}: expected" in refusal(capsys, script, *argv, "--config",
                                                                         tmp_path / "run.json")
+
+
+@pytest.mark.parametrize("script", ["rl.py", "eval.py", "chat.py"])
+def test_a_run_config_beside_the_adapter_of_the_wrong_type_is_refused_by_name(capsys, tmp_path, tiny_checkpoint, adapter,
+                                                                              gsm, script):
+    folder = hostile(adapter, tmp_path / "adapter", "experiment_config.json", write('{"quantize": 4}'))
+    line = refusal(capsys, script, *command(script, tiny_checkpoint, folder, gsm, tmp_path / "out"))
+    assert f"{folder}/experiment_config.json: quantize is 4, expected one of ('nf4', 'none')" in line
 
 
 @pytest.mark.parametrize("script, flag", [("train.py", "--output_dir"), ("rl.py", "--adapter_path"),
