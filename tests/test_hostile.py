@@ -10,6 +10,7 @@ import runpy
 import shutil
 import socket
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import data
 import lora
+import rl
 import stages
 import train
 from tinyreason import Decoder
@@ -188,32 +190,35 @@ def test_a_hostile_verification_adapter_is_refused_before_it_is_added(capsys, tm
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_checkpoint, gsm):
-    """The output_dir of a one-step training run (checkpoint-000001, metrics.jsonl), to resume."""
-    out = tmp_path_factory.mktemp("run") / "run"
-    train.main([str(a) for a in command("train.py", tiny_checkpoint, "none", gsm, out)])
-    return out
+def runs(tmp_path_factory, tiny_checkpoint, gsm):
+    """The output_dir of a one-step run of train.py and of rl.py (checkpoint-000001, metrics.jsonl), to resume."""
+    folders = {}
+    for script, main in (("train.py", train.main), ("rl.py", rl.main)):
+        folders[script] = tmp_path_factory.mktemp("run") / "run"
+        main([str(a) for a in command(script, tiny_checkpoint, "none", gsm, folders[script])])
+    return folders
 
 
 RESUMED = {  # family: (file of the run's output_dir, its damage, what the line says of the copy `run`)
     "adapter: huge r": ("checkpoint-000001/adapter_config.json", set_fields(r=10 ** 5),
-                        "{run}/checkpoint-000001/adapter_model.safetensors: tensor "),
+                        f"{{run}}/checkpoint-000001/adapter_model.safetensors: tensor {FIRST} is (4, 128) in the"),
     "adapter: a link out of its folder": ("checkpoint-000001/adapter_model.safetensors", link_out,
                                           "{run}/checkpoint-000001: 'adapter_model.safetensors' is not a file of"),
-    "NaN": ("checkpoint-000001/adapter_model.safetensors", poison, "holds non-finite values"),
-    "torn lines": ("metrics.jsonl", tear_line(1), "{run}/metrics.jsonl: line 1 is not JSON"),
+    "NaN": ("checkpoint-000001/adapter_model.safetensors", poison, f"tensor {FIRST} holds non-finite values"),
+    "torn lines": ("metrics.jsonl", lambda p: p.write_text('{"step": 1, "lo\n' + p.read_text()),
+                   "{run}/metrics.jsonl: line 1 is not JSON"),
     "a line that is no object": ("metrics.jsonl", write("[1]\n"), "{run}/metrics.jsonl: line 1 is not a JSON object"),
     "a torn training state": ("checkpoint-000001/training_state.pt", lambda p: p.write_bytes(p.read_bytes()[:1000]),
                               "{run}/checkpoint-000001/training_state.pt: not a training state of this run"),
 }
 
 
+@pytest.mark.parametrize("script", ["train.py", "rl.py"])
 @pytest.mark.parametrize("family", RESUMED)
-def test_a_hostile_checkpoint_to_resume_is_refused_in_one_line(capsys, tmp_path, trained, family):
+def test_a_hostile_checkpoint_to_resume_is_refused_in_one_line(capsys, tmp_path, runs, script, family):
     name, damage, message = RESUMED[family]
-    run = hostile(trained, tmp_path / "run", name, damage)
-    line = refusal(capsys, "train.py", "--resume", "--output_dir", run, "--adapter_path", run / "adapter",
-                   "--max_steps", 2)
+    run = hostile(runs[script], tmp_path / "run", name, damage)
+    line = refusal(capsys, script, "--resume", "--output_dir", run, "--adapter_path", run / "adapter", "--max_steps", 2)
     assert message.format(run=run) in line
 
 
@@ -225,9 +230,9 @@ def nest(path):
 @pytest.mark.parametrize("damage, line", [(tear_line(2), 2), (nest, 9)], ids=["torn", "nested too deep"])
 def test_a_data_file_with_a_broken_line_is_named_with_the_line(capsys, tmp_path, tiny_checkpoint, gsm, script, damage,
                                                                line):
-    data = hostile(gsm.parent, tmp_path / "data", gsm.name, damage) / gsm.name
-    argv = command(script, tiny_checkpoint, "none", data, tmp_path / "out")
-    assert f"{data}, line {line}: not valid JSON" in refusal(capsys, script, *argv)
+    broken = hostile(gsm.parent, tmp_path / "data", gsm.name, damage) / gsm.name
+    argv = command(script, tiny_checkpoint, "none", broken, tmp_path / "out")
+    assert f"{broken}, line {line}: not valid JSON" in refusal(capsys, script, *argv)
 
 
 FLAGS = [  # (entry point, a flag with a value no run can use, what the line says)
@@ -263,8 +268,8 @@ def test_a_config_file_field_of_the_wrong_type_is_refused_naming_the_file_and_fi
 
 
 @pytest.mark.parametrize("script", ["rl.py", "eval.py", "chat.py"])
-def test_a_run_config_beside_the_adapter_of_the_wrong_type_is_refused_by_name(capsys, tmp_path, tiny_checkpoint, adapter,
-                                                                              gsm, script):
+def test_a_run_config_beside_the_adapter_of_the_wrong_type_is_refused_by_name(capsys, tmp_path, tiny_checkpoint,
+                                                                              adapter, gsm, script):
     folder = hostile(adapter, tmp_path / "adapter", "experiment_config.json", write('{"quantize": 4}'))
     line = refusal(capsys, script, *command(script, tiny_checkpoint, folder, gsm, tmp_path / "out"))
     assert f"{folder}/experiment_config.json: quantize is 4, expected one of ('nf4', 'none')" in line
@@ -274,13 +279,11 @@ def test_a_run_config_beside_the_adapter_of_the_wrong_type_is_refused_by_name(ca
                                           ("distill.py", "--out")])
 def test_an_output_over_an_input_is_refused_before_anything_is_written(capsys, tmp_path, tiny_checkpoint, gsm,
                                                                       script, flag):
-    model = hostile(tiny_checkpoint, tmp_path / "model", "config.json", lambda path: None)  # a copy, in case
-    data = hostile(gsm.parent, tmp_path / "data", gsm.name, lambda path: None) / gsm.name
-    output, input_flag = (model / "run", "--model") if flag == "--output_dir" else (data, "--data")
-    before = data.read_bytes()
-    argv = command(script, model, "none", data, tmp_path / "out")
+    model, records = Path(shutil.copytree(tiny_checkpoint, tmp_path / "model")), Path(shutil.copy(gsm, tmp_path))
+    output, input_flag = (model / "run", "--model") if flag == "--output_dir" else (records, "--data")
+    argv = command(script, model, "none", records, tmp_path / "out")
     assert f"{flag} {output} is, holds or lies inside {input_flag}" in refusal(capsys, script, *argv, flag, output)
-    assert data.read_bytes() == before and not (model / "run").exists()
+    assert records.read_bytes() == gsm.read_bytes() and not (model / "run").exists()
 
 
 @pytest.mark.parametrize("script", ["train.py", "rl.py"])
