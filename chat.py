@@ -1,9 +1,11 @@
-"""Ask a TinyReason model math problems: the reasoning streams token by token, then the final answer.
+"""Ask a TinyReason model math problems: the reasoning streams token by token, then the final answer. A problem too
+long for the model's context (max_position_embeddings in its config.json, answer included) is refused, never cut.
 
     python chat.py                                    # the last training's adapter (outputs/lora_adapter)
     python chat.py --adapter none --model Qwen/Qwen2.5-1.5B-Instruct
     python chat.py --prompt "A bookstore sells 15 books on Monday and twice as many on Tuesday. How many in all?"
 """
+import math
 import sys
 from dataclasses import dataclass
 
@@ -11,7 +13,8 @@ import data
 import stages
 from config import parse_config
 from generate import generate, stopped
-from load import ModelFlags, load_from_flags, resolve_model_flags
+from load import ModelFlags, context_length, load_from_flags, model_folder, resolve_model_flags
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -21,6 +24,9 @@ class ChatConfig(ModelFlags):
     top_p: float = 1.0  # nucleus sampling: the smallest set of tokens holding this much probability
     max_new_tokens: int = 512  # an answer is cut here
     prompt: str = None  # answer this one question and exit (no REPL)
+
+
+TOO_LONG = "the prompt is {} tokens, past the model's context of {:,} (max_position_embeddings, answer included)"
 
 
 class StreamDecoder:
@@ -42,10 +48,20 @@ class StreamDecoder:
         return new
 
 
-def answer(model, tokenizer, question: str, args):
-    """Stream one answer to stdout as it is generated."""
+def prompt_ids(tokenizer, question: str, system: str, context: int | None) -> list[int]:
+    """The prompt of a question, refused when it leaves the model's context no room for an answer; a text of more
+    bytes than `context` of the longest tokens hold is refused untokenized, so a huge paste costs nothing."""
+    if context and (n := len((system + question).encode())) > context * tokenizer.max_token_bytes:
+        raise ValueError(TOO_LONG.format(f"at least {-(-n // tokenizer.max_token_bytes):,}", context))
+    ids = data.prompt_ids(tokenizer, question, system=system)
+    if context and len(ids) >= context:
+        raise ValueError(TOO_LONG.format(f"{len(ids):,}", context))
+    return ids
+
+
+def answer(model, tokenizer, prompt: list[int], args):
+    """Stream the answer to a prompt to stdout as it is generated."""
     decoder = StreamDecoder(tokenizer)
-    prompt = data.prompt_ids(tokenizer, question, system=args.system)
     ids = generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p,
                    on_token=lambda row, token: print(decoder.push(token), end="", flush=True),
                    calculator=args.calculator)[0][0]
@@ -56,19 +72,27 @@ def answer(model, tokenizer, question: str, args):
 
 def main():
     args = parse_config(ChatConfig, description=__doc__)
-    if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
-        raise SystemExit("need --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
+    if not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1 or args.max_new_tokens < 1:
+        raise SystemExit("need a finite --temperature >= 0, 0 < --top_p <= 1 and --max_new_tokens >= 1")
     adapter, _ = resolve_model_flags(args)
-    model, tokenizer = load_from_flags(args, adapter)
+    folder = model_folder(args)
+    tokenizer, context = Tokenizer.from_pretrained(folder), context_length(folder)
+    prompt = None if args.prompt is None else prompt_ids(tokenizer, args.prompt, args.system, context)  # before loading
+    model, _ = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(model, tokenizer, adapter)
     if args.prompt is not None:
-        return answer(model, tokenizer, args.prompt, args)
+        return answer(model, tokenizer, prompt, args)
     print("Type a math problem; exit, quit or Ctrl-D to leave.")
     sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte stays in its line instead of ending the input
     while (question := ask()) is not None and question.lower() not in ("exit", "quit"):
-        if question:
-            answer(model, tokenizer, question, args)
+        try:
+            prompt = question and prompt_ids(tokenizer, question, args.system, context)
+        except ValueError as e:  # too long: the session goes on
+            print(f"[{e}]")
+            continue
+        if prompt:
+            answer(model, tokenizer, prompt, args)
 
 
 def ask() -> str | None:

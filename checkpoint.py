@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -197,14 +198,18 @@ def resume_folder(resume: str, output_dir) -> Path:
 
 def load_training_state(folder: Path, optimizer, scaler) -> dict:
     """Restore optimizer, scaler and RNG states from a checkpoint (saved on any device); returns the loop state."""
-    rank, world = processes()
-    saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])  # moves the states to the parameters' device
-    scaler.load_state_dict(saved["scaler"])
-    if len(saved["rng"]) != world:
-        raise ValueError(f"{folder} was saved by {len(saved['rng'])} processes: resume it with as many, not {world}")
-    set_rng_state(saved["rng"][rank])
-    return saved["state"]
+    rank, world, path = *processes(), folder / "training_state.pt"
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])  # moves the states to the parameters' device
+        scaler.load_state_dict(saved["scaler"])
+        rngs, state = saved["rng"], saved["state"]
+    except (EOFError, RuntimeError, pickle.UnpicklingError, KeyError, TypeError, ValueError):  # torn, or another file
+        raise ValueError(f"{path}: not a training state of this run (cut short, or another file)") from None
+    if len(rngs) != world:
+        raise ValueError(f"{folder} was saved by {len(rngs)} processes: resume it with as many, not {world}")
+    set_rng_state(rngs[rank])
+    return state
 
 
 def rng_state() -> dict:

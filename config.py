@@ -67,21 +67,37 @@ def field_comments(cls) -> dict[str, str]:
 
 
 def read_config(cls, path, error) -> dict:
-    """The fields of a JSON config file; `error` gets a missing file, bad JSON, an unknown field or a wrong choice."""
+    """The fields of a JSON config file; `error` gets a missing file, bad JSON, an unknown field or a value of
+    the wrong type or choice."""
     path = Path(path)
     if not path.is_file():
         error(f"{path}: no such file")
     try:
         values = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested too deep for the parser
         error(f"{path}: not valid JSON ({e})")
     if not isinstance(values, dict) or (unknown := sorted(set(values) - {f.name for f in fields(cls)})):
         error(f"{path}: unknown fields {unknown if isinstance(values, dict) else values!r}")
     for f in fields(cls):
-        if typing.get_origin(f.type) is typing.Literal and f.name in values and \
-                values[f.name] not in typing.get_args(f.type):
-            error(f"{path}: {f.name} {values[f.name]!r}: expected one of {typing.get_args(f.type)}")
+        if f.name in values and (what := expected(f, values[f.name])):
+            error(f"{path}: {f.name} {values[f.name]!r}: expected {what}")
     return values
+
+
+KINDS = {int: ((int,), "an integer"), float: ((int, float), "a number"), str: ((str,), "a string"),
+         bool: ((bool,), "true or false")}  # type(): True is an int to isinstance
+
+
+def expected(f, value) -> str | None:
+    """What a JSON value of the field `f` must be, None if it is that (null stands for a default of None)."""
+    if value is None and f.default is None:
+        return None
+    if typing.get_origin(f.type) is typing.Literal:
+        return None if value in typing.get_args(f.type) else f"one of {typing.get_args(f.type)}"
+    if f.type == tuple[str, ...]:
+        return None if type(value) is list and all(type(v) is str for v in value) else "a list of strings"
+    kinds, what = KINDS[f.type]
+    return None if type(value) in kinds else what
 
 
 def numbers(text: str, n: int) -> list[float] | None:

@@ -91,11 +91,13 @@ def read_appended(path: Path, log=print) -> list[dict]:
     for n, line in enumerate(lines, 1):
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if n < len(lines):
                 raise ValueError(f"{path}: line {n} is not JSON") from None
             log(f"{path}: dropped its last line, cut short when it was written: {line[:40]!r}")
             replace_text(path, "".join(kept + "\n" for kept in lines[:-1]))
+    if bad := next((n for n, record in enumerate(records, 1) if type(record) is not dict), None):
+        raise ValueError(f"{path}: line {bad} is not a JSON object")
     return records
 
 
@@ -109,6 +111,8 @@ def replace_text(path: Path, text: str):
 def parse_json(text: str, path: Path, line: int = 1):
     try:
         return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}, line {line}: not valid JSON (nested too deep for the parser)") from None
     except json.JSONDecodeError as e:
         jsonl = "; one object per line is a .jsonl file" if path.suffix == ".json" and e.msg == "Extra data" else ""
         raise ValueError(f"{path}, line {line + e.lineno - 1}: not valid JSON ({e.msg}{jsonl})") from None

@@ -7,6 +7,7 @@ SFT data in our format: reasoning a model actually wrote, not GSM8K's terse line
     python distill.py --task math --teacher_format boxed --samples_per_question 8 --out math.jsonl   # the Nexus zone
 """
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import checkpoint
 import config
 import data
 import grade
+import lora
 import tasks
 from generate import generate, stopped
 from load import load_model, resolve_precision
@@ -73,10 +75,14 @@ def select(samples: list[tuple[str, bool]], gold: str, keep: int, style: str = "
 
 def main(argv=None):
     cfg = config.parse_config(DistillConfig, argv, description=__doc__)
-    if cfg.samples_per_question < 1 or cfg.keep_per_question < 1 or cfg.batch_size < 1 or cfg.temperature <= 0:
-        raise ValueError("--samples_per_question, --keep_per_question, --batch_size and --temperature must be > 0")
+    if min(cfg.samples_per_question, cfg.keep_per_question, cfg.batch_size) < 1 or not 0 < cfg.temperature < math.inf:
+        raise ValueError("--samples_per_question, --keep_per_question and --batch_size must be > 0, --temperature a "
+                         "finite number > 0")
     if problem := checkpoint.overlap("--out", cfg.out, {"--data": cfg.data, "--teacher": cfg.teacher}):
         raise ValueError(problem)
+    if cfg.adapter != "none":
+        lora.read_adapter_config(cfg.adapter)  # a bad adapter fails before the teacher loads
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
     task = tasks.load_task(cfg.task)
     records = task.records(cfg.data, cfg.split)
     records = records[:cfg.num_questions] if cfg.num_questions > 0 else records

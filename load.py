@@ -3,7 +3,6 @@ the precision they resolve to, a local folder or hub download, the base in 16 bi
 
     model, tokenizer = load_model("Qwen/Qwen2.5-1.5B-Instruct", "outputs/lora_adapter", "nf4", torch.bfloat16, "cuda")
 """
-import json
 import sys
 import warnings
 from dataclasses import dataclass
@@ -17,11 +16,15 @@ import lora
 from quant import footprint_gb, quantize_block
 from tinyreason import Decoder
 from tokenizer import Tokenizer
+from weights import BOOL, INTEGER, POSITIVE_INT, TEXT, check_fields, inside, read_json
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_ADAPTER = "outputs/lora_adapter"  # where train.py exports its best adapter
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZE = ("nf4", "none")
+RUN_FIELDS = {  # what the scripts read of the experiment_config.json beside an adapter
+    **dict.fromkeys(("model", "task", "format"), TEXT), "quantize": (lambda x: x in QUANTIZE, f"one of {QUANTIZE}"),
+    "calculator": BOOL, "test_samples": INTEGER}
 
 
 def cpu_has_bf16() -> bool:
@@ -38,7 +41,10 @@ def gpu_has_bf16(device: torch.device) -> bool:
 def resolve_precision(device="auto", dtype="auto") -> tuple[torch.device, torch.dtype]:
     """The --device and --dtype flags as torch objects. auto: CUDA when present; bf16 where the hardware computes
     in it, fp16 on GPUs without bf16 (T4, V100), fp32 on CPUs without bf16 instructions."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device in (None, "auto") else device)
+    except RuntimeError:
+        raise ValueError(f"--device {device}: not a device, expected cpu, cuda, cuda:1, ... or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: torch sees no CUDA device here (a CPU build of torch, or no GPU)")
     if dtype not in (None, "auto"):
@@ -125,7 +131,7 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
         except (OSError, ValueError) as e:
             raise SystemExit(f"--adapter: {e}")
         if (path := adapter / "experiment_config.json").is_file():
-            run = json.loads(path.read_text())
+            check_fields(path, run := read_json(path), RUN_FIELDS)
         args.model = args.model or run.get("model") or base
     args.model = args.model or DEFAULT_MODEL
     args.quantize = args.quantize or run.get("quantize", "nf4")
@@ -134,10 +140,23 @@ def resolve_model_flags(args) -> tuple[Path | None, dict]:
     return adapter, run
 
 
-def load_from_flags(args, adapter: Path | None) -> tuple[Decoder, Tokenizer]:
-    """load_model for resolved flags; a missing checkpoint ends the script with the flag's name."""
+def model_folder(args) -> Path:
+    """The --model checkpoint's folder (a hub id downloaded once); a missing one ends the script naming the flag."""
     try:
-        resolve_checkpoint(args.model)
+        return resolve_checkpoint(args.model)
     except OSError as e:
         raise SystemExit(f"--model: {e}")
+
+
+def load_from_flags(args, adapter: Path | None) -> tuple[Decoder, Tokenizer]:
+    """load_model for resolved flags."""
+    model_folder(args)
     return load_model(args.model, adapter, args.quantize, args.dtype, args.device)
+
+
+def context_length(folder) -> int | None:
+    """The most tokens the checkpoint reads, prompt and answer together: max_position_embeddings of its config.json
+    (None if it does not say)."""
+    path = inside(folder, "config.json")
+    check_fields(path, raw := read_json(path), {"max_position_embeddings": POSITIVE_INT})
+    return raw.get("max_position_embeddings")

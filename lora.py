@@ -17,7 +17,7 @@ from torch import nn
 
 from quant import dequantize, replace_linears
 from tinyreason import Decoder
-from weights import FINITE, POSITIVE_INT, PROBABILITY, check_fields, read_header, read_json
+from weights import FINITE, POSITIVE_INT, PROBABILITY, TEXT, check_fields, inside, read_header, read_json
 
 MERGED_MARK = "merged_from.json"  # in a merge's folder: what it was made of, and that a later merge may replace it
 
@@ -95,7 +95,10 @@ def write_adapter(out_dir, tensors: dict, r, alpha, dropout, targets, base_model
 
 
 def read_adapter_config(adapter_dir) -> dict:
-    path = Path(adapter_dir) / "adapter_config.json"
+    """adapter_config.json, checked, before any model loads; neither of the adapter's files may lie outside its
+    folder (a symlink out of it is refused by name)."""
+    path = inside(adapter_dir, "adapter_config.json")
+    inside(adapter_dir, "adapter_model.safetensors")
     if not path.exists():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json, this is not a LoRA adapter folder")
     config = read_json(path)
@@ -109,34 +112,43 @@ def read_adapter_config(adapter_dir) -> dict:
                          f"{targets!r}, unsupported options {used})")
     if missing := [k for k in ("r", "lora_alpha") if config.get(k) is None]:
         raise ValueError(f"{path}: missing {', '.join(missing)}")
-    check_fields(path, config, dict(r=POSITIVE_INT, lora_alpha=FINITE, lora_dropout=PROBABILITY))
+    check_fields(path, config, dict(r=POSITIVE_INT, lora_alpha=FINITE, lora_dropout=PROBABILITY,
+                                    base_model_name_or_path=TEXT))
     return config
 
 
 def load_adapter(model: nn.Module, adapter_dir, dtype=torch.float32) -> nn.Module:
-    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), every tensor's shape
-    checked from the file's header before anything is allocated. `dtype`: fp32 to train on, the model's own for
-    inference."""
-    from safetensors.torch import load_file
-    config, weights = read_adapter_config(adapter_dir), Path(adapter_dir) / "adapter_model.safetensors"
+    """Inject the adapter's LoRA layers into `model` and load A, B (ours or PEFT-saved), the file checked first
+    (read_adapter). `dtype`: fp32 to train on, the model's own for inference."""
+    config = read_adapter_config(adapter_dir)
     r, targets = config["r"], check_targets(model.config, config["target_modules"])
-    wanted = {f"base_model.model.{name}.lora_{ab}.weight": shape for name, m in model.named_modules()
-              if name.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)
-              for ab, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}  # what inject will make
-    stored = {key: t.shape for key, t in read_header(weights).items()}
-    for key in sorted(set(stored) | set(wanted)):
-        got, want = (d.get(key, "absent") for d in (stored, wanted))
-        if got != want:
-            raise ValueError(f"{weights}: tensor {key} is {got} in the adapter but {want} in the model "
-                             f"(given r={r} and the target_modules of adapter_config.json)")
+    layers = {name: m for name, m in model.named_modules()  # what inject will wrap
+              if name.rsplit(".", 1)[-1] in targets and isinstance(m, nn.Linear)}
+    tensors = read_adapter(adapter_dir, layers, r)
     inject(model, targets, r, config["lora_alpha"], config.get("lora_dropout") or 0.0, dtype)
-    tensors = load_file(weights)
-    if bad := [key for key, t in tensors.items() if not torch.isfinite(t).all()]:  # a diverged run's: never used
-        raise ValueError(f"{weights}: tensor {bad[0]} holds non-finite values")
     with torch.no_grad():
         for key, p in lora_state_dict(model).items():
             p.copy_(tensors[key])
     return model
+
+
+def read_adapter(adapter_dir, layers: dict, r: int) -> dict[str, torch.Tensor]:
+    """The A and B of `layers` (name -> the nn.Linear each adapts) at rank r from adapter_dir's
+    adapter_model.safetensors under PEFT's names: every name and shape checked from the file's header before
+    anything is allocated, and refused if a value is not finite (a diverged run's adapter is never used)."""
+    path = inside(adapter_dir, "adapter_model.safetensors")
+    wanted = {f"base_model.model.{name}.lora_{ab}.weight": shape for name, m in layers.items()
+              for ab, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}
+    stored = read_header(path)
+    for key in sorted(set(stored) | set(wanted)):
+        got, want = stored[key].shape if key in stored else "absent", wanted.get(key, "absent")
+        if got != want:
+            raise ValueError(f"{path}: tensor {key} is {got} in the adapter but {want} in the model "
+                             f"(given r={r} and the target_modules of adapter_config.json)")
+    tensors = {key: t.read() for key, t in stored.items()}
+    if bad := next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None):
+        raise ValueError(f"{path}: tensor {bad} holds non-finite values")
+    return tensors
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -165,18 +165,17 @@ def save_adapters(model: nn.Module, folder, base_model_name=None):
 
 
 def load_verify(model: nn.Module, tokenizer, adapter_dir) -> nn.Module:
-    """The verification adapter that save_adapters wrote beside the first (already loaded), if there is one."""
-    from safetensors.torch import load_file
+    """The verification adapter that save_adapters wrote beside the first (already loaded), if there is one: its
+    file checked against the first adapter's layers before the second pair is added (lora.read_adapter)."""
     folder = Path(adapter_dir) / "verify"
     if not folder.is_dir():
         return model
     config = lora.read_adapter_config(folder)
     if config.get("tinyreason_gate") != GATE_RULE:
         raise ValueError(f"{folder}: gating rule {config.get('tinyreason_gate')!r}, expected {GATE_RULE!r}")
+    layers = {name: m.base for name, m in lora.lora_modules(model).items()}
+    tensors = lora.read_adapter(folder, layers, config["r"])
     params = add_verify_adapter(model, tokenizer, config["r"], config["lora_alpha"]).verify.params()
-    tensors = load_file(folder / "adapter_model.safetensors")
-    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(p.shape) for k, p in params.items()}:
-        raise ValueError(f"{folder}: its tensors do not match the projections of the first adapter")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(tensors[key])

@@ -24,6 +24,8 @@ FINITE = (lambda x: type(x) in (int, float) and math.isfinite(x), "a finite numb
 FRACTION = (lambda x: type(x) in (int, float) and 0 < x <= 1, "a number in (0, 1]")
 PROBABILITY = (lambda x: type(x) in (int, float) and 0 <= x <= 1, "a number in [0, 1]")
 BOOL = (lambda x: type(x) is bool, "true or false")
+INTEGER = (lambda x: type(x) is int, "an integer")
+TEXT = (lambda x: type(x) is str, "a string")
 OBJECT = (lambda x: type(x) is dict, "a JSON object")
 CONFIG_FIELDS = {  # what tinyreason.Config.from_json reads, the rope settings wherever transformers nests them
     **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -69,7 +69,7 @@ def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
                            calculator=False)
-    chat.answer(model, tok, QUESTION, args)
+    chat.answer(model, tok, data.prompt_ids(tok, QUESTION), args)
     text = "".join(writes)
     assert text.startswith(expected + "\n")
     assert len([w for w in writes if w.strip()]) >= MAX_NEW // 2  # many pieces, not one print at the end
@@ -83,7 +83,7 @@ def test_the_calculator_s_tokens_stream_like_the_model_s(tiny_checkpoint, monkey
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
                            calculator=True)
-    chat.answer(model, tok, QUESTION, args)
+    chat.answer(model, tok, data.prompt_ids(tok, QUESTION), args)
     assert "".join(writes) == "<<2+3=5>>\n"
     pieces = [w for w in writes if w]  # streamed token by token, the tool's tokens as they were written
     assert pieces[-3:] == [*(tok.decode([t]) for t in tok.encode("5>>")), "\n"] and len(pieces) > 3
@@ -123,6 +123,13 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(tiny_checkpo
                          capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert run.returncode == 0 and b"Traceback" not in run.stderr
     assert b"not UTF-8 text" in run.stdout and expected.encode() in run.stdout
+
+
+def test_a_problem_past_the_models_context_is_refused_and_the_session_goes_on(tiny_checkpoint, expected):
+    run = subprocess.run(chat_command(tiny_checkpoint), input=f"{'1 + 1 ' * 100}\n{QUESTION}\n", capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and "Traceback" not in run.stderr
+    assert "tokens, past the model's context of 512" in run.stdout and expected in run.stdout
 
 
 def test_a_bad_model_folder_is_one_line_without_a_traceback(tmp_path):

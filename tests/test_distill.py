@@ -96,6 +96,12 @@ def test_distill_writes_traces_with_difficulty_and_a_rerun_skips_finished_questi
     assert stub_teacher == [(3, 8), (1, 8)] and len({line["question"] for line in lines}) == 4  # only the new question
 
 
+def test_an_out_in_a_folder_not_made_yet_is_made_before_the_teacher_samples(tiny_checkpoint, tmp_path, stub_teacher):
+    data_file = tmp_path / "q.jsonl"
+    data_file.write_text(json.dumps(gsm8k_records(1)[0]) + "\n")
+    assert len(run(tiny_checkpoint, data_file, tmp_path / "new" / "traces.jsonl")) == 2
+
+
 def zone_log(monkeypatch, **fields) -> list[str]:
     """What rl.py's setup logs with --zone 2,5 over `fields`, stopped where the model would load: the questions are
     chosen by then."""
