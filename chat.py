@@ -26,9 +26,6 @@ class ChatConfig(ModelFlags):
     prompt: str = None  # answer this one question and exit (no REPL)
 
 
-TOO_LONG = "the prompt is {} tokens, past the model's context of {:,} (max_position_embeddings, answer included)"
-
-
 class StreamDecoder:
     """Token ids in, printable text out. Byte-level BPE can split one character ("’", "€", CJK) over several tokens;
     a prefix of such a split decodes to U+FFFD, so text ending in it waits for the token that completes it."""
@@ -46,17 +43,6 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids) if text is None else text
         new, self.n_shown = text[self.n_shown:], len(text)
         return new
-
-
-def prompt_ids(tokenizer, question: str, system: str, context: int | None) -> list[int]:
-    """The prompt of a question, refused when it leaves the model's context no room for an answer; a text of more
-    bytes than `context` of the longest tokens hold is refused untokenized, so a huge paste costs nothing."""
-    if context and (n := len((system + question).encode())) > context * tokenizer.max_token_bytes:
-        raise ValueError(TOO_LONG.format(f"at least {-(-n // tokenizer.max_token_bytes):,}", context))
-    ids = data.prompt_ids(tokenizer, question, system=system)
-    if context and len(ids) >= context:
-        raise ValueError(TOO_LONG.format(f"{len(ids):,}", context))
-    return ids
 
 
 def answer(model, tokenizer, prompt: list[int], args):
@@ -77,7 +63,8 @@ def main():
     adapter, _ = resolve_model_flags(args)
     folder = model_folder(args)
     tokenizer, context = Tokenizer.from_pretrained(folder), context_length(folder)
-    prompt = None if args.prompt is None else prompt_ids(tokenizer, args.prompt, args.system, context)  # before loading
+    if args.prompt is not None:  # refused before the model loads
+        prompt = data.prompt_ids(tokenizer, args.prompt, system=args.system, context=context)
     model, _ = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(model, tokenizer, adapter)
@@ -87,7 +74,7 @@ def main():
     sys.stdin.reconfigure(errors="surrogateescape")  # a bad byte stays in its line instead of ending the input
     while (question := ask()) is not None and question.lower() not in ("exit", "quit"):
         try:
-            prompt = question and prompt_ids(tokenizer, question, args.system, context)
+            prompt = question and data.prompt_ids(tokenizer, question, system=args.system, context=context)
         except ValueError as e:  # too long: the session goes on
             print(f"[{e}]")
             continue

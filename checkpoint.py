@@ -134,8 +134,10 @@ def clean_leftovers(folder: Path, name: str = "*"):
 
 def overlap(flag: str, output, inputs: dict[str, str]) -> str | None:
     """The problem with writing `output` (given by `flag`) if it is, holds or lies inside one of the inputs
-    (flag -> path): writing there could destroy it. None if it touches none."""
+    (flag -> path): writing there could destroy it; or if it would lie inside a file. None if it touches none."""
     out = Path(output).resolve()
+    if file := next((p for p in out.parents if p.is_file()), None):
+        return f"{flag} {output}: {file} is a file, not a folder"
     for name, path in inputs.items():
         if path and Path(path).exists() and (out == (p := Path(path).resolve()) or out in p.parents or p in out.parents):
             return f"{flag} {output} is, holds or lies inside {name} {path}: writing there could destroy it"

@@ -155,11 +155,23 @@ def prompt_messages(question: str, system: str = SYSTEM_PROMPT) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": question}]
 
 
-def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str = SYSTEM_PROMPT) -> list[int]:
-    """tinyreason: the training prompt; boxed: Qwen-math's, under Qwen's default system turn; answer_tags: Phi-2's."""
+TOO_LONG = "the prompt is {} tokens, past the model's context of {:,} (max_position_embeddings, answer included)"
+
+
+def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str = SYSTEM_PROMPT,
+               context: int = None) -> list[int]:
+    """tinyreason: the training prompt; boxed: Qwen-math's, under Qwen's default system turn; answer_tags: Phi-2's.
+    A prompt that leaves the model's `context` no room for an answer is refused (ValueError), one of more bytes than
+    `context` of the longest tokens hold untokenized, so a huge paste costs nothing."""
+    if context and (n := len((system + question).encode())) > context * tokenizer.max_token_bytes:
+        raise ValueError(TOO_LONG.format(f"at least {-(-n // tokenizer.max_token_bytes):,}", context))
     if style == "boxed":
-        return tokenizer.apply_chat([{"role": "user", "content": question + BOXED_SUFFIX}])
-    return tokenizer.apply_chat(prompt_messages(question, ANSWER_TAGS_SYSTEM if style == "answer_tags" else system))
+        ids = tokenizer.apply_chat([{"role": "user", "content": question + BOXED_SUFFIX}])
+    else:
+        ids = tokenizer.apply_chat(prompt_messages(question, ANSWER_TAGS_SYSTEM if style == "answer_tags" else system))
+    if context and len(ids) >= context:
+        raise ValueError(TOO_LONG.format(f"{len(ids):,}", context))
+    return ids
 
 
 def prepare_splits(records: list[dict], num_samples: int, validation_split: float, seed: int):

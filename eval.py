@@ -25,7 +25,8 @@ from checkpoint import overlap
 from generate import generate, stopped
 from grade import is_compliant, mcnemar_p, step_validity, wilson
 from config import parse_config
-from load import ModelFlags, load_from_flags, resolve_model_flags
+from load import ModelFlags, context_length, load_from_flags, model_folder, resolve_model_flags
+from tokenizer import Tokenizer
 
 
 @dataclass
@@ -126,8 +127,11 @@ def read_out(path: Path, flag: str, needs: set) -> list[dict]:
     """The lines of an earlier --out file, each with the fields `needs`."""
     if not path.is_file():
         raise SystemExit(f"{flag}: no such file {path}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows, 1) if not needs <= r.keys()]
+    try:
+        rows = [data.parse_json(line, path, n) for n, line in enumerate(data.utf8(path).splitlines(), 1) if line.strip()]
+    except ValueError as e:
+        raise SystemExit(f"{flag}: {e}")
+    bad = [i for i, r in enumerate(rows, 1) if type(r) is not dict or not needs <= r.keys()]
     if not rows or bad:
         raise SystemExit(f"{flag}: {path} line {bad[0] if bad else 1} is not a line eval.py --out wrote")
     return rows
@@ -194,13 +198,19 @@ def main():
     out = Path(args.out or (adapter or Path("outputs")) / "preds.jsonl")
     if problem := overlap("--out", out, {"--data": source}):
         raise SystemExit(problem)
-    net, tokenizer = load_from_flags(args, adapter)
+    folder = model_folder(args)
+    tokenizer, context, prompts = Tokenizer.from_pretrained(folder), context_length(folder), []
+    for where, record in numbered:
+        try:
+            prompts.append(data.prompt_ids(tokenizer, task.question(record), args.prompt_style, args.system, context))
+        except ValueError as e:  # past the model's context: refused before it loads
+            raise SystemExit(f"--data: {source} {where}: {e}")
+    net, _ = load_from_flags(args, adapter)
     if adapter is not None:
         stages.load_verify(net, tokenizer, adapter)
     print(f"model {args.model} | adapter {adapter} | {args.quantize} {args.dtype} on {args.device} | "
           f"{args.prompt_style} prompts | task {task_name} | {len(records)} problems from {source} | "
           f"calculator {'on' if args.calculator else 'off'}")
-    prompts = [data.prompt_ids(tokenizer, task.question(r), args.prompt_style, args.system) for r in records]
 
     # Longest prompts first: similar lengths share a prefill (less padding), and an out-of-memory shows at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

@@ -132,7 +132,10 @@ class Metrics:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in data.read_appended(self.path, log) if line["step"] <= resumed_step]
+            lines = data.read_appended(self.path, log)
+            if bad := next((n for n, line in enumerate(lines, 1) if type(line.get("step")) is not int), None):
+                raise ValueError(f"{self.path}: line {bad} has no step number, it is not a line this run wrote")
+            kept = [line for line in lines if line["step"] <= resumed_step]
             data.replace_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
         if cfg.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -196,7 +199,9 @@ def config_problems(cfg, positive=(), nonnegative=()) -> list[str]:
                         f"(pip install {cfg.report_to}), or use --report_to none")
     if cfg.data and data.is_local(cfg.data) and not Path(cfg.data).is_file():  # empty: the task's own
         problems.append(f"--data {cfg.data}: no such file")
-    if not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
+    if Path(cfg.output_dir).is_file():
+        problems.append(f"--output_dir {cfg.output_dir} is a file, not a folder")
+    elif not cfg.resume and checkpoint.Checkpoints(cfg.output_dir).saved():
         problems.append(f"--output_dir {cfg.output_dir} already holds checkpoints: continue them with --resume, "
                         "or choose another --output_dir")
     if holder := checkpoint.RunLock(cfg.output_dir).holder():

@@ -173,6 +173,8 @@ def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     src, out = Path(src), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not (out / MERGED_MARK).exists():
         raise ValueError(f"--out {out} exists and is not an earlier merge: choose another --out")
+    tokenizer_files = [inside(src, f.name) for f in src.iterdir() if f.name.startswith(  # none through a link out
+        ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template"))]
     model = merge(load_adapter(Decoder.from_pretrained(src, dtype=dtype, device="cpu"), adapter_dir))
     # named_parameters lists a tied lm_head once, as the embedding: HF's layout, which transformers re-ties.
     tensors = {k: v.detach().contiguous() for k, v in model.named_parameters()}
@@ -181,9 +183,8 @@ def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     config = json.loads((src / "config.json").read_text())
     config["dtype" if "dtype" in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    for f in src.iterdir():
-        if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")):
-            (out / f.name).write_bytes(f.read_bytes())
+    for f in tokenizer_files:
+        (out / f.name).write_bytes(f.read_bytes())
     (out / MERGED_MARK).write_text(json.dumps({"model": str(src), "adapter": str(adapter_dir)}))
     print(f"merged {adapter_dir} into {src} ({str(dtype).removeprefix('torch.')}) -> {out}")
 

@@ -24,7 +24,7 @@ import lora
 import loop
 import tasks
 from generate import generate, stopped
-from load import DEFAULT_ADAPTER, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
+from load import DEFAULT_ADAPTER, context_length, dtype_name, load_base, resolve_checkpoint, resolve_model_flags
 from tinyreason import token_logprobs
 from tokenizer import Tokenizer
 
@@ -297,13 +297,19 @@ def setup(cfg: RLConfig):
     if len(train_q) < cfg.prompts_per_step:
         raise ValueError(f"--data {cfg.data}: {len(train_q)} usable questions after holding out {cfg.eval_samples}")
     loop.log(f"data: {len(train_q)} training questions, {len(eval_q)} held out (the last records of {cfg.data})")
+    tokenizer, context = Tokenizer.from_pretrained(path), context_length(path)
+    for i, q in enumerate(train_q + eval_q):  # a prompt past the model's context is refused before it loads
+        try:
+            data.prompt_ids(tokenizer, task.question(q), cfg.format, context=context)
+        except ValueError as e:
+            raise ValueError(f"--data {cfg.data}, question {i}: {e}") from None
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume or adapter:  # a checkpoint's own adapter first
         lora.load_adapter(model, cfg.resume or adapter)
     else:
         lora.inject(model, cfg.target_modules, cfg.lora_r, cfg.lora_alpha)
     model, params, optimizer = loop.trainable(model, cfg)
-    return model, Tokenizer.from_pretrained(path), train_q, eval_q, params, optimizer, device, dtype
+    return model, tokenizer, train_q, eval_q, params, optimizer, device, dtype
 
 
 def main(argv=None) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from weights import read_json
+from weights import inside, read_json
 
 # format -> (the token that closes a turn: the loss's last target and a stop; the token that opens one)
 TURN_TOKENS = {"chatml": ("<|im_end|>", "<|im_start|>"), "llama3": ("<|eot_id|>", "<|start_header_id|>"),
@@ -46,16 +46,23 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             raise FileNotFoundError(f"{folder}: no tokenizer.json")
-        tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        config = optional_json(folder / "tokenizer_config.json")
+        try:
+            tok = HFTokenizer.from_file(str(inside(folder, "tokenizer.json")))
+        except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+            raise ValueError(f"{folder / 'tokenizer.json'}: not a tokenizer file the tokenizers library reads ({e})")
+        config = optional_json(inside(folder, "tokenizer_config.json"))
         template = config.get("chat_template") or ""
         if isinstance(template, list):  # named templates
-            template = next((t["template"] for t in template if t.get("name") == "default"), "")
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            "")
         if (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
+            template = inside(folder, "chat_template.jinja").read_text()
+        if not isinstance(template, str) or not all(isinstance(text(config.get(k)), (str, type(None)))
+                                                    for k in ("eos_token", "pad_token")):
+            raise ValueError(f"{folder / 'tokenizer_config.json'}: chat_template, eos_token and pad_token must be text")
         eos = [text(config.get("eos_token"))]
         for name in ("config.json", "generation_config.json"):
-            ids = optional_json(folder / name).get("eos_token_id")
+            ids = optional_json(inside(folder, name)).get("eos_token_id")
             eos += [tok.id_to_token(i) for i in (ids if isinstance(ids, list) else [ids]) if isinstance(i, int)]
         try:
             return cls(tok, template, [e for e in dict.fromkeys(eos) if e], text(config.get("pad_token")))

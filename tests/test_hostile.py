@@ -325,3 +325,71 @@ def test_a_huge_prompt_is_refused_from_its_length_without_being_tokenized(capsys
     line = refusal(capsys, "chat.py", *command("chat.py", tiny_checkpoint, "none", gsm, tmp_path), "--prompt", question)
     at_least = -(-len(data.SYSTEM_PROMPT + question) // longest)
     assert f"chat.py: the prompt is at least {at_least:,} tokens, past the model's context of 512" in line
+
+
+TOKENIZER_FILES = {  # family: (file of the checkpoint, its damage, what the line says)
+    "tokenizer": ("tokenizer.json", write("garbage"), "tokenizer.json: not a tokenizer file the tokenizers library"),
+    "tokenizer config": ("tokenizer_config.json", set_fields(chat_template=5),
+                         "tokenizer_config.json: chat_template, eos_token and pad_token must be text"),
+    "a tokenizer link out of its folder": ("tokenizer.json", link_out, "'tokenizer.json' is not a file of this folder"),
+}
+
+
+@pytest.mark.parametrize("script, family", [(s, f) for s in ENTRY_POINTS for f in TOKENIZER_FILES
+                                            if s != "lora.py" or "link" in f])  # merge only copies the files
+def test_a_hostile_tokenizer_is_refused_in_one_line_naming_its_file(capsys, tmp_path, tiny_checkpoint, adapter, gsm,
+                                                                    script, family):
+    name, damage, message = TOKENIZER_FILES[family]
+    model = hostile(tiny_checkpoint, tmp_path / "model", name, damage)
+    argv = command(script, model, adapter if script == "lora.py" else "none", gsm, tmp_path / "out")
+    assert message in refusal(capsys, script, *argv)
+
+
+@pytest.mark.parametrize("script, flag", [("train.py", "--output_dir"), ("rl.py", "--adapter_path"), ("eval.py", "--out"),
+                                          ("distill.py", "--out"), ("lora.py", "--out")])
+def test_an_output_inside_a_file_is_refused_before_the_model_loads(capsys, tmp_path, tiny_checkpoint, adapter, gsm,
+                                                                   no_model_load, script, flag):
+    (tmp_path / "afile").write_text("mine")
+    output = tmp_path / "afile" / "x"
+    argv = command(script, tiny_checkpoint, adapter if script == "lora.py" else "none", gsm, tmp_path / "out")
+    assert f"{flag} {output}: {tmp_path / 'afile'} is a file, not a folder" in refusal(capsys, script, *argv, flag,
+                                                                                        output)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_an_output_dir_that_is_a_file_is_refused(capsys, tmp_path, tiny_checkpoint, gsm, no_model_load):
+    (tmp_path / "afile").write_text("mine")
+    argv = command("train.py", tiny_checkpoint, "none", gsm, tmp_path / "afile")
+    assert f"--output_dir {tmp_path / 'afile'} is a file, not a folder" in refusal(capsys, "train.py", *argv)
+
+
+def test_a_metrics_line_without_a_step_is_refused_on_resume(capsys, tmp_path, runs):
+    run = hostile(runs["train.py"], tmp_path / "run", "metrics.jsonl", write('{"loss": 1}\n'))
+    line = refusal(capsys, "train.py", "--resume", "--output_dir", run, "--adapter_path", run / "adapter",
+                   "--max_steps", 2)
+    assert f"{run}/metrics.jsonl: line 1 has no step number" in line
+
+
+@pytest.mark.parametrize("flag", ["--rescore", "--compare"])
+@pytest.mark.parametrize("damage, message", [
+    (tear_line(1), "{path}, line 1: not valid JSON"), (write("[1]\n"), "{path} line 1 is not a line eval.py --out wrote"),
+    (lambda p: p.write_bytes(b"\xff\n"), "{path}: not UTF-8 text")], ids=["torn", "no object", "not UTF-8"])
+def test_a_broken_predictions_file_is_named_by_rescore_and_compare(capsys, tmp_path, flag, damage, message):
+    path = tmp_path / "preds.jsonl"
+    path.write_text(json.dumps(dict(question="q", gold="1", output="1", tokens=1, stopped=True, correct=True)) + "\n")
+    damage(path)
+    argv = [flag, path] + [path] * (flag == "--compare")
+    assert message.format(path=path) in refusal(capsys, "eval.py", *argv)
+
+
+@pytest.mark.parametrize("script", ["eval.py", "rl.py"])
+def test_a_question_past_the_models_context_is_refused_naming_it_before_the_model_loads(capsys, tmp_path,
+                                                                                       tiny_checkpoint, no_model_load,
+                                                                                       script):
+    records = gsm8k_records(4)
+    records[1]["question"] = "1 + 1 " * 100  # more tokens than the tiny model's 512
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    line = refusal(capsys, script, *command(script, tiny_checkpoint, "none", path, tmp_path / "out"))
+    assert "past the model's context of 512 (max_position_embeddings" in line
+    assert (f"{path} line 2:" if script == "eval.py" else f"--data {path}, question 1:") in line, line
