@@ -244,7 +244,8 @@ class Decoder(nn.Module):
             positions = positions + cache.next_pos[:B, None]
             cache.ids[:B, cache.len:cache.len + T], cache.mask[:B, cache.len:cache.len + T] = input_ids, real
             cache.next_pos[:B] += real.sum(-1)
-            mask = causal_mask(cache.mask[:B, :cache.len + T], T, cache.len)
+            unpadded = cache.len == 0 and bool(real.all())  # then SDPA's causal kernels: no (T, T) mask for a long prompt
+            mask = None if unpadded else causal_mask(cache.mask[:B, :cache.len + T], T, cache.len)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope(positions, inv_freq(self.config), x.dtype)
         for i, block in enumerate(self.model.layers):

@@ -15,6 +15,7 @@ import loop
 import weights
 from generate import KVCache, generate, left_pad, prefill, sample
 from load import resolve_checkpoint
+import tinyreason
 from tinyreason import Decoder, Config
 from tokenizer import Tokenizer
 
@@ -245,6 +246,15 @@ def test_on_done_sees_each_row_once_when_it_ends_with_all_its_tokens(tiny):
                  on_token=lambda row, t: lengths.__setitem__(row, lengths.get(row, 0) + 1),
                  on_done=lambda row, ids: ended.append((row, lengths.get(row, 0), list(ids))))
     assert sorted(ended) == [(row, len(o) - (o[-1] in stop), o) for row, o in enumerate(out)]
+
+
+def test_one_unpadded_prompt_is_prefilled_without_a_t_by_t_mask(tiny, monkeypatch):
+    model, tok = tiny
+    queries = []
+    monkeypatch.setattr(tinyreason, "causal_mask", lambda real, T, offset, f=tinyreason.causal_mask: (
+        queries.append(T), f(real, T, offset))[1])
+    greedy(model, tok, questions(tok, 1), 3)
+    assert queries == [1, 1]  # the two decoding steps; the prefill used SDPA's causal kernels
 
 
 def test_compacting_and_appending_keep_every_row_s_own_keys_in_order(tiny):
