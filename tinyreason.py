@@ -239,12 +239,13 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         positions = (real.cumsum(-1) - 1).clamp(min=0)  # a row's real tokens count from 0 whatever its padding
-        mask = None if attention_mask is None else causal_mask(real, T, 0)  # None: SDPA's fused causal kernels
-        if cache is not None:
+        if cache is None:
+            mask = None if attention_mask is None else causal_mask(real, T, 0)  # None: SDPA's fused causal kernels
+        else:
             positions = positions + cache.next_pos[:B, None]
             cache.ids[:B, cache.len:cache.len + T], cache.mask[:B, cache.len:cache.len + T] = input_ids, real
             cache.next_pos[:B] += real.sum(-1)
-            unpadded = cache.len == 0 and bool(real.all())  # then SDPA's causal kernels: no (T, T) mask for a long prompt
+            unpadded = not cache.len and bool(real.all())  # SDPA's causal kernels then: no (T, T) mask for a long prompt
             mask = None if unpadded else causal_mask(cache.mask[:B, :cache.len + T], T, cache.len)
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope(positions, inv_freq(self.config), x.dtype)
