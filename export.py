@@ -45,7 +45,7 @@ def export_gguf(folder, path, gguf_type="f16"):
     add_hyperparameters(writer, folder, raw, config, gguf_type)
     add_tokenizer(writer, folder, config.vocab_size)
     tensors = gguf_tensors(folder, config, arch, gguf.GGMLQuantizationType[gguf_type.upper()])
-    for name, (shape, qtype, _) in tensors.items():  # the dtype argument is not read once raw_dtype is given
+    for name, (shape, qtype, _) in tensors.items():  # logical shapes (np.float32): a uint8 dtype would mean bytes
         writer.add_tensor_info(name, shape, np.float32, math.prod(gguf.quant_shape_to_byte_shape(shape, qtype)),
                                raw_dtype=qtype)
     tmp = path.with_name(".tmp-" + path.name)
@@ -111,7 +111,7 @@ def add_tokenizer(writer, folder, vocab_size: int):
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
     special.chat_template = special.chat_template or PLAIN_TEMPLATE
-    special.add_special_token.setdefault("bos", False)  # stated, as llama.cpp's converter does for Qwen2 and Phi-2
+    special.add_special_token.setdefault("bos", False)  # unless the tokenizer adds one (Llama-3): as in Qwen2.5's GGUF
     special.add_to_gguf(writer, quiet=True)
 
 
