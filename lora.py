@@ -7,8 +7,10 @@ A starts Kaiming-uniform and B at zero, so a fresh adapter changes nothing. Only
 r * (d_in + d_out) numbers per wrapped layer.
 
     python lora.py merge --model Qwen/Qwen2.5-1.5B-Instruct --adapter out/adapter --out out/merged
+    python lora.py merge ... --out out/merged --gguf out/model.gguf --gguf_type q8_0   # also for llama.cpp, Ollama
 """
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -189,20 +191,38 @@ def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):
     print(f"merged {adapter_dir} into {src} ({str(dtype).removeprefix('torch.')}) -> {out}")
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Fold a LoRA adapter into its base model: a Hugging Face folder.")
+def main(argv=None):
+    from checkpoint import overlap
+    from export import GGUF_TYPES, export_gguf
+    from load import resolve_checkpoint  # a hub id is downloaded once
+    parser = argparse.ArgumentParser(description="Fold a LoRA adapter into its base model: a Hugging Face folder, "
+                                                 "and optionally a GGUF file for llama.cpp and Ollama.")
     parser.add_argument("command", choices=["merge"])
     parser.add_argument("--model", required=True, help="base checkpoint folder or hub repo id")
     parser.add_argument("--adapter", required=True, help="folder with adapter_config.json + adapter_model.safetensors")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args()
-    from checkpoint import overlap
-    from load import resolve_checkpoint  # a hub id is downloaded once
+    parser.add_argument("--gguf", help="also write the merge as this .gguf file (docs/export.md)")
+    parser.add_argument("--gguf_type", choices=GGUF_TYPES, help="the GGUF's 2-D weights (default: f16)")
+    args = parser.parse_args(argv)
+    if args.gguf_type and not args.gguf:
+        parser.error("--gguf_type needs --gguf FILE.gguf")
+    if args.gguf and importlib.util.find_spec("gguf") is None:
+        parser.error("--gguf needs the gguf package: pip install gguf")
+    if args.gguf and (Path(args.gguf).suffix != ".gguf" or Path(args.gguf).is_dir()):
+        parser.error(f"--gguf {args.gguf}: expected the name of a file to write, ending in .gguf")
     try:
         model = resolve_checkpoint(args.model)
-        if problem := overlap("--out", args.out, {"--model": model, "--adapter": args.adapter}):
+        inputs = {"--model": model, "--adapter": args.adapter}
+        if problem := overlap("--out", args.out, inputs) or args.gguf and overlap("--gguf", args.gguf, inputs):
             raise ValueError(problem)
         export_merged(model, args.adapter, args.out, getattr(torch, args.dtype))
+        if args.gguf:
+            Path(args.gguf).parent.mkdir(parents=True, exist_ok=True)
+            export_gguf(args.out, args.gguf, args.gguf_type or "f16")
     except (OSError, ValueError) as e:
         raise SystemExit(f"lora.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -112,9 +112,10 @@ def make_checkpoint(path: Path, tokenizer_dir: Path, tie: bool, seed: int = 0, m
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     eos = next(t for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>") if tok.token_to_id(t) is not None)
     tiny = {**TINY, **ARCHITECTURES[model_type]}
-    cfg = AutoConfig.for_model(model_type, vocab_size=tok.get_vocab_size(), tie_word_embeddings=tie,
-                               eos_token_id=tok.token_to_id(eos), bos_token_id=tok.token_to_id("<|endoftext|>"),
-                               pad_token_id=tok.token_to_id("<|endoftext|>"), **{**tiny, **overrides})
+    cfg = AutoConfig.for_model(model_type, **{  # a vocab_size override: rows past the vocabulary, as Qwen2.5 has
+        "vocab_size": tok.get_vocab_size(), "tie_word_embeddings": tie, "eos_token_id": tok.token_to_id(eos),
+        "bos_token_id": tok.token_to_id("<|endoftext|>"), "pad_token_id": tok.token_to_id("<|endoftext|>"),
+        **tiny, **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
     with torch.no_grad():  # HF zero-inits biases; random ones make the bias path testable
