@@ -18,8 +18,8 @@ class KVCache:
 
     def __init__(self, config, batch, capacity, dtype, device):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: a masked slot is never NaN garbage
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # pages never written are never resident
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
@@ -59,6 +59,7 @@ class KVCache:
         if T > self.len:
             self.shift(T - self.len)
         rows, cols = slice(self.batch, self.batch + n), slice(self.len - T, self.len)
+        self.k[:, rows, :, :self.len - T], self.v[:, rows, :, :self.len - T] = 0, 0  # masked, but never NaN garbage
         self.k[:, rows, :, cols], self.v[:, rows, :, cols] = other.k[:, :n, :, :T], other.v[:, :n, :, :T]
         self.ids[rows], self.mask[rows] = 0, False
         self.ids[rows, cols], self.mask[rows, cols] = other.ids[:n, :T], other.mask[:n, :T]
@@ -98,12 +99,12 @@ def stopped(ids: list[int], tokenizer) -> bool:
     return bool(ids) and ids[-1] in tokenizer.stop_ids
 
 
-def prefill(model, prompts, num_samples, pad_id):
-    """Hidden states (P * n, D) of the prompts' last positions and the cache of their prompts, each prompt's row
-    repeated num_samples times: its samples share its prefill."""
+def prefill(model, prompts, num_samples, pad_id, cache=None):
+    """Hidden states (P * n, D) of the prompts' last positions and the cache of their prompts (`cache` if given,
+    empty, else a new one), each prompt's row repeated num_samples times: its samples share its prefill."""
     ids, pad_mask = left_pad(prompts, pad_id, model.lm_head.weight.device)
-    cache = KVCache(model.config, len(prompts) * num_samples, ids.shape[1], model.model.embed_tokens.weight.dtype,
-                    ids.device)
+    cache = cache or KVCache(model.config, len(prompts) * num_samples, ids.shape[1],
+                             model.model.embed_tokens.weight.dtype, ids.device)
     cache.batch = len(prompts)
     x = model(ids, pad_mask, cache)[:, -1]  # (P, D)
     if num_samples > 1:  # row i becomes rows i*n .. i*n+n-1 (keep gathers before it writes: safe in place)
@@ -141,8 +142,11 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
         free = slots - len(rows)
         if waiting and free >= max(n, min(refill, len(waiting) * n)):
             taken, waiting = waiting[:free // n], waiting[free // n:]
-            x_new, new = prefill(model, [prompts[i] for i in taken], n, tokenizer.pad_id)
-            cache.append(new)
+            if cache.batch:  # rows are decoding: the new ones are prefilled apart, then appended
+                x_new, new = prefill(model, [prompts[i] for i in taken], n, tokenizer.pad_id)
+                cache.append(new)
+            else:
+                x_new, _ = prefill(model, [prompts[i] for i in taken], n, tokenizer.pad_id, cache)
             rows += [i * n + j for i in taken for j in range(n)]
             x = x_new if x is None else torch.cat([x, x_new])
         if not rows:

@@ -49,8 +49,9 @@ class BenchConfig:
     seq_len: int = 256  # every training sequence is cut to this many tokens
     gen_batch: int = 16  # prompts generated at once
     gen_sweep: str = ""  # e.g. 1,16,64: one generation lockstep per batch size, a table with the limit beside each
-    eval_problems: int = 0  # > 0: a whole greedy eval of this many prompts, gen_batch rows at once (ours refills
-    # the slots of ended rows with the next prompts; the peer generates them gen_batch at a time, as eval loops do)
+    eval_problems: int = 0  # > 0: a whole greedy eval of this many boxed prompts, gen_batch rows at once (ours
+    # refills the slots of ended rows with the next prompts; the peer generates them gen_batch at a time, as eval
+    # loops do)
     gen_tokens: int = 256  # at most, per prompt: GSM8K answers end between about 100 and 300 tokens
     rounds: int = 2  # timed generations per side, after one untimed warm-up (0: no generation)
     no_peer: bool = False
@@ -73,11 +74,13 @@ def training_batches(cfg, tokenizer):
 
 
 def gen_prompts(cfg, tokenizer, n=None):
-    """The first n (default gen_batch) questions of --data as chat prompts, longest first as eval.py orders them."""
-    from data import load_records
+    """The first n (default gen_batch) questions of --data as chat prompts; with n, as eval.py --prompt_style boxed
+    writes them, longest first as it orders them."""
+    from data import load_records, prompt_ids
     records = load_records(cfg.data)[:n or cfg.gen_batch]
-    return sorted((tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records), key=len,
-                  reverse=True)
+    if n is None:
+        return [tokenizer.apply_chat([{"role": "user", "content": r["question"]}]) for r in records]
+    return sorted((prompt_ids(tokenizer, r["question"], "boxed") for r in records), key=len, reverse=True)
 
 
 def adamw_steps(model, loss_of, cfg, device, dtype):
