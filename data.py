@@ -174,6 +174,14 @@ def prompt_ids(tokenizer, question: str, style: str = "tinyreason", system: str 
     return ids
 
 
+def fits(tokenizer, question: str, style: str, context: int) -> bool:
+    """Whether a question's prompt leaves the model's context room for an answer."""
+    try:
+        return bool(prompt_ids(tokenizer, question, style, context=context))
+    except ValueError:
+        return False
+
+
 def prepare_splits(records: list[dict], num_samples: int, validation_split: float, seed: int):
     """(train, validation, n_malformed): malformed records dropped, the rest shuffled, cut to `num_samples` if > 0."""
     good = [r for r in records if format_example(r) is not None]

@@ -23,7 +23,8 @@ import grade
 import lora
 import tasks
 from generate import generate, stopped
-from load import load_model, resolve_precision
+from load import context_length, load_model, resolve_checkpoint, resolve_precision
+from tokenizer import Tokenizer
 
 TEACHER_SYSTEM = ("You are a helpful assistant that solves math problems step-by-step. Think step by step inside "
                   "<think> and </think>, then write **Final Answer:** followed by {}.")  # the task's answer_hint
@@ -91,11 +92,15 @@ def main(argv=None):
     todo = [(i, r) for i, r in enumerate(records) if task.question(r) not in done]
     print(f"distill: {len(records)} questions, {len(done)} already in {out}, {len(todo)} to sample")
     device, dtype = resolve_precision(cfg.device, cfg.dtype)
-    model, tokenizer = load_model(cfg.teacher, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype,
-                                  device)
+    folder, system, prompts = resolve_checkpoint(cfg.teacher), TEACHER_SYSTEM.format(task.answer_hint), []
+    tokenizer, context = Tokenizer.from_pretrained(folder), context_length(folder)
+    for i, r in todo:  # a prompt past the teacher's context is refused before it loads
+        try:
+            prompts.append(data.prompt_ids(tokenizer, task.question(r), cfg.teacher_format, system, context))
+        except ValueError as e:
+            raise ValueError(f"--data {cfg.data or cfg.task}, question {i}: {e}") from None
+    model, _ = load_model(folder, None if cfg.adapter == "none" else cfg.adapter, cfg.quantize, dtype, device)
     n, kept, tokens, t0 = cfg.samples_per_question, 0, 0, time.time()
-    system = TEACHER_SYSTEM.format(task.answer_hint)
-    prompts = [data.prompt_ids(tokenizer, task.question(r), cfg.teacher_format, system) for _, r in todo]
     samples = [[] for _ in todo]  # (text, stopped) of each question's ended samples
     bar = tqdm(total=len(todo), desc="distill", unit="question")
 

@@ -38,7 +38,7 @@ class EvalConfig(ModelFlags):
     limit: int = None  # problems to score; default: the training's test_samples; 0: all
     batch_size: int = 32  # answers generated at once; a finished one's slot takes the next problem
     max_new_tokens: int = 512  # an answer is cut here
-    prompt_style: Literal["tinyreason", "boxed"] = "tinyreason"  # the training prompt, or Qwen's math prompt
+    prompt_style: Literal["tinyreason", "boxed", "answer_tags"] = "tinyreason"  # ours, Qwen's math, Infused's tags
     out: str = None  # one JSON line per problem; default: preds.jsonl in the adapter folder, or in outputs/
     report: str = None  # also write a short Markdown report to this file
     rescore: str = None  # an --out file to grade again with --task: nothing is generated, no model loads

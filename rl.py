@@ -294,15 +294,15 @@ def setup(cfg: RLConfig):
     if cfg.zone:  # distill.py's difficulty counts; one entry per question
         lo, hi = map(int, cfg.zone.split(","))
         train_q = list({task.question(q): q for q in train_q if lo <= q.get("n_correct", -1) <= hi}.values())
+    tokenizer, context, n = Tokenizer.from_pretrained(path), context_length(path), len(train_q) + len(eval_q)
+    if context:  # a question whose prompt leaves no room for an answer is dropped, as train.py drops a long record
+        train_q, eval_q = ([q for q in part if data.fits(tokenizer, task.question(q), cfg.format, context)]
+                           for part in (train_q, eval_q))
+        if dropped := n - len(train_q) - len(eval_q):
+            loop.log(f"data: {dropped} questions dropped, their prompts past the model's context of {context:,} tokens")
     if len(train_q) < cfg.prompts_per_step:
         raise ValueError(f"--data {cfg.data}: {len(train_q)} usable questions after holding out {cfg.eval_samples}")
     loop.log(f"data: {len(train_q)} training questions, {len(eval_q)} held out (the last records of {cfg.data})")
-    tokenizer, context = Tokenizer.from_pretrained(path), context_length(path)
-    for i, q in enumerate(train_q + eval_q):  # a prompt past the model's context is refused before it loads
-        try:
-            data.prompt_ids(tokenizer, task.question(q), cfg.format, context=context)
-        except ValueError as e:
-            raise ValueError(f"--data {cfg.data}, question {i}: {e}") from None
     model = load_base(cfg.model, dtype, device, cfg.quantize)
     if cfg.resume or adapter:  # a checkpoint's own adapter first
         lora.load_adapter(model, cfg.resume or adapter)

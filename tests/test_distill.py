@@ -114,6 +114,8 @@ def zone_log(monkeypatch, **fields) -> list[str]:
     def load_base(*args):
         raise Loaded
     monkeypatch.setattr(rl, "load_base", load_base)
+    monkeypatch.setattr(rl.Tokenizer, "from_pretrained", lambda path: None)
+    monkeypatch.setattr(rl, "context_length", lambda path: None)  # no limit: no question is tokenized
     monkeypatch.setattr(rl, "resolve_checkpoint", lambda path: path)
     monkeypatch.setattr(rl.loop, "log", captured.append)
     with pytest.raises(Loaded):

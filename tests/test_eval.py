@@ -176,17 +176,18 @@ def test_markdown_report_gives_the_interval_lengths_and_wrong_answers_beside_the
     assert len(wrong) == 4 and wrong[0].startswith("| Q1 \\| how many? | 1 | 2 |")  # a | in the text stays one cell
 
 
+@pytest.mark.parametrize("style, answer", [("tinyreason", "<think>\nx\n</think>\n\n**Final Answer:** 72"),
+                                           ("answer_tags", "<think>\nx\n</think>\n<answer>72</answer>")])
 def test_a_right_answer_in_the_trained_format_is_scored_correct_end_to_end(tiny_checkpoint, tmp_path, monkeypatch,
-                                                                            capsys):
+                                                                            capsys, style, answer):
     natalia = next(r for r in gsm8k_records(5) if r["answer"].endswith("#### 72"))
     path = tmp_path / "one.jsonl"
     path.write_text(json.dumps(natalia) + "\n")
-    answer = "<think>\nx\n</think>\n\n**Final Answer:** 72"
     ids = Tokenizer.from_pretrained(tiny_checkpoint).encode(answer)
     monkeypatch.setattr(ev, "generate", answering(lambda prompt: ids))
     out = tmp_path / "preds.jsonl"
     lines = run_eval(monkeypatch, capsys, "--model", tiny_checkpoint, "--adapter", "none", "--data", path,
-                     "--limit", 0, "--out", out)
+                     "--limit", 0, "--out", out, "--prompt_style", style)
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["output"] == answer and row["normalized"] == row["gold"] == "72"
     assert row["correct"] is True and row["compliant"] is True

@@ -382,7 +382,7 @@ def test_a_broken_predictions_file_is_named_by_rescore_and_compare(capsys, tmp_p
     assert message.format(path=path) in refusal(capsys, "eval.py", *argv)
 
 
-@pytest.mark.parametrize("script", ["eval.py", "rl.py"])
+@pytest.mark.parametrize("script", ["eval.py", "distill.py"])
 def test_a_question_past_the_models_context_is_refused_naming_it_before_the_model_loads(capsys, tmp_path,
                                                                                        tiny_checkpoint, no_model_load,
                                                                                        script):
@@ -392,4 +392,25 @@ def test_a_question_past_the_models_context_is_refused_naming_it_before_the_mode
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     line = refusal(capsys, script, *command(script, tiny_checkpoint, "none", path, tmp_path / "out"))
     assert "past the model's context of 512 (max_position_embeddings" in line
-    assert (f"{path} line 2:" if script == "eval.py" else f"--data {path}, question 1:") in line, line
+    assert (f"{path} line 2:" if script == "eval.py" else f"--data {path}, question 1:") in line
+
+
+def test_rl_drops_a_question_past_the_models_context_and_says_so(tmp_path, tiny_checkpoint, monkeypatch):
+    records = gsm8k_records(4)
+    records[1]["question"] = "1 + 1 " * 100  # more tokens than the tiny model's 512
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    logged = []
+
+    class Loading(Exception):
+        pass
+
+    def load_base(*args):
+        raise Loading
+    monkeypatch.setattr(rl.loop, "log", logged.append)
+    monkeypatch.setattr(rl, "load_base", load_base)
+    cfg = rl.parse_config([str(a) for a in command("rl.py", tiny_checkpoint, "none", path, tmp_path / "out")])
+    with pytest.raises(Loading):  # the questions are chosen by then
+        rl.setup(cfg)
+    assert "data: 1 questions dropped, their prompts past the model's context of 512 tokens" in logged
+    assert "data: 3 training questions, 0 held out" in " ".join(logged)
