@@ -140,11 +140,18 @@ MODEL_FILES = {  # family: (file of the checkpoint, its damage, what the line sa
     "config": ("config.json", set_fields(num_hidden_layers=10 ** 6), "config.json implies"),
     "index paths": ("model.safetensors.index.json", write('{"weight_map": {"lm_head.weight": "../model.safetensors"}}'),
                     "'../model.safetensors' is not a file of this folder"),
+    "tokenizer": ("tokenizer.json", write("garbage"), "tokenizer.json: not a tokenizer file the tokenizers library"),
+    "tokenizer config": ("tokenizer_config.json", set_fields(chat_template=5),
+                         "tokenizer_config.json: chat_template, eos_token and pad_token must be text"),
+    "a tokenizer link out of its folder": ("tokenizer.json", link_out, "'tokenizer.json' is not a file of this folder"),
 }
+COPIED_UNREAD_BY_MERGE = {"tokenizer", "tokenizer config"}  # merge refuses only their links out of the folder
 
 
-@pytest.mark.parametrize("script", ENTRY_POINTS)
-@pytest.mark.parametrize("family", MODEL_FILES)
+
+
+@pytest.mark.parametrize("script, family", [(s, f) for s in ENTRY_POINTS for f in MODEL_FILES
+                                            if s != "lora.py" or f not in COPIED_UNREAD_BY_MERGE])
 def test_a_hostile_checkpoint_is_refused_in_one_line_naming_its_file(capsys, tmp_path, tiny_checkpoint, adapter, gsm,
                                                                      script, family):
     name, damage, message = MODEL_FILES[family]
@@ -325,24 +332,6 @@ def test_a_huge_prompt_is_refused_from_its_length_without_being_tokenized(capsys
     line = refusal(capsys, "chat.py", *command("chat.py", tiny_checkpoint, "none", gsm, tmp_path), "--prompt", question)
     at_least = -(-len(data.SYSTEM_PROMPT + question) // longest)
     assert f"chat.py: the prompt is at least {at_least:,} tokens, past the model's context of 512" in line
-
-
-TOKENIZER_FILES = {  # family: (file of the checkpoint, its damage, what the line says)
-    "tokenizer": ("tokenizer.json", write("garbage"), "tokenizer.json: not a tokenizer file the tokenizers library"),
-    "tokenizer config": ("tokenizer_config.json", set_fields(chat_template=5),
-                         "tokenizer_config.json: chat_template, eos_token and pad_token must be text"),
-    "a tokenizer link out of its folder": ("tokenizer.json", link_out, "'tokenizer.json' is not a file of this folder"),
-}
-
-
-@pytest.mark.parametrize("script, family", [(s, f) for s in ENTRY_POINTS for f in TOKENIZER_FILES
-                                            if s != "lora.py" or "link" in f])  # merge only copies the files
-def test_a_hostile_tokenizer_is_refused_in_one_line_naming_its_file(capsys, tmp_path, tiny_checkpoint, adapter, gsm,
-                                                                    script, family):
-    name, damage, message = TOKENIZER_FILES[family]
-    model = hostile(tiny_checkpoint, tmp_path / "model", name, damage)
-    argv = command(script, model, adapter if script == "lora.py" else "none", gsm, tmp_path / "out")
-    assert message in refusal(capsys, script, *argv)
 
 
 @pytest.mark.parametrize("script, flag", [("train.py", "--output_dir"), ("rl.py", "--adapter_path"), ("eval.py", "--out"),
