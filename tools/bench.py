@@ -141,23 +141,29 @@ def gen_ours(cfg, device, dtype):
                                     for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2)[0])}
 
 
-def gen_peer(cfg, device, dtype):
+def hf_side(cfg, device, dtype):
+    """transformers' model of --model and our tokenizer of it (the same prompts as ours)."""
     from transformers import AutoModelForCausalLM
-    from generate import left_pad
     from load import resolve_checkpoint
     from tokenizer import Tokenizer
     model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
-    tok = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
-    ids, mask = left_pad(gen_prompts(cfg, tok), tok.pad_id, device)
-    T = ids.shape[1]
-    stop = tok.stop_ids
+    return model, Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
 
-    @torch.inference_mode()
-    def run(i):
-        out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2, do_sample=False,
-                             eos_token_id=list(stop), pad_token_id=tok.pad_id)[:, T:].tolist()
-        return {"tokens": sum(next((j for j, t in enumerate(row) if t in stop), len(row)) for row in out)}  # to stops
-    return run
+
+@torch.inference_mode()
+def hf_new_tokens(model, tok, prompts, max_new_tokens) -> int:
+    """transformers' greedy `generate` of the prompts as one left-padded batch: its new tokens up to the stops."""
+    from generate import left_pad
+    ids, mask = left_pad(prompts, tok.pad_id, model.device)
+    out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=list(tok.stop_ids), pad_token_id=tok.pad_id)[:, ids.shape[1]:].tolist()
+    return sum(next((j for j, t in enumerate(row) if t in tok.stop_ids), len(row)) for row in out)
+
+
+def gen_peer(cfg, device, dtype):
+    model, tok = hf_side(cfg, device, dtype)
+    prompts = gen_prompts(cfg, tok)
+    return lambda i: {"tokens": hf_new_tokens(model, tok, prompts, cfg.gen_tokens if i else 2)}
 
 
 def eval_ours(cfg, device, dtype):
@@ -178,25 +184,11 @@ def eval_ours(cfg, device, dtype):
 
 
 def eval_peer(cfg, device, dtype):
-    from transformers import AutoModelForCausalLM
-    from generate import left_pad
-    from load import resolve_checkpoint
-    from tokenizer import Tokenizer
-    model = AutoModelForCausalLM.from_pretrained(resolve_checkpoint(cfg.model), dtype=dtype).to(device).eval()
-    tok = Tokenizer.from_pretrained(resolve_checkpoint(cfg.model))
-    prompts, stop = gen_prompts(cfg, tok, cfg.eval_problems), tok.stop_ids
-
-    @torch.inference_mode()
-    def run(i):
-        tokens = 0
-        for start in range(0, len(prompts) if i else cfg.gen_batch, cfg.gen_batch):
-            ids, mask = left_pad(prompts[start:start + cfg.gen_batch], tok.pad_id, device)
-            out = model.generate(ids, attention_mask=mask.long(), max_new_tokens=cfg.gen_tokens if i else 2,
-                                 do_sample=False, eos_token_id=list(stop), pad_token_id=tok.pad_id)
-            tokens += sum(next((j for j, t in enumerate(row) if t in stop), len(row))
-                          for row in out[:, ids.shape[1]:].tolist())
-        return {"tokens": tokens}
-    return run
+    model, tok = hf_side(cfg, device, dtype)
+    prompts = gen_prompts(cfg, tok, cfg.eval_problems)
+    return lambda i: {"tokens": sum(hf_new_tokens(model, tok, prompts[start:start + cfg.gen_batch],
+                                                  cfg.gen_tokens if i else 2)
+                                    for start in range(0, len(prompts) if i else cfg.gen_batch, cfg.gen_batch))}
 
 
 def rl_questions(cfg):
