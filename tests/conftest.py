@@ -73,6 +73,12 @@ def gsm8k_records(n):
         return [json.loads(next(f)) for _ in range(n)]
 
 
+def write_jsonl(path: Path, records) -> Path:
+    """records as a JSON-lines file at path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
 def _train_tokenizer(path: Path, specials=SPECIALS, config=None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import LLAMA3_SPECIALS, ROOT, _train_tokenizer, gsm8k_records, make_checkpoint
+from conftest import LLAMA3_SPECIALS, ROOT, _train_tokenizer, gsm8k_records, make_checkpoint, write_jsonl
 
 import data
 import lora
@@ -130,7 +130,7 @@ def test_stop_tokens_come_from_the_checkpoints_configs(tmp_path, llama3_tokenize
 @pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "gsm8k.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(24)))
+    write_jsonl(path, gsm8k_records(24))
     return path
 
 

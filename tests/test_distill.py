@@ -6,7 +6,7 @@
 import json
 
 import pytest
-from conftest import gsm8k_records
+from conftest import gsm8k_records, write_jsonl
 
 import data
 import distill
@@ -83,7 +83,7 @@ def run(checkpoint, data_file, out, *extra):
 def test_distill_writes_traces_with_difficulty_and_a_rerun_skips_finished_questions(tiny_checkpoint, tmp_path,
                                                                                    stub_teacher):
     data_file = tmp_path / "q.jsonl"
-    data_file.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(5)))
+    write_jsonl(data_file, gsm8k_records(5))
     lines = run(tiny_checkpoint, data_file, tmp_path / "traces.jsonl", "--num_questions", "3")
     natalia = [line for line in lines if line["question"] == NATALIA["question"]]
     assert [line["assistant"] for line in natalia] == [RIGHT, LONGER]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, gsm8k_records
+from conftest import ROOT, gsm8k_records, write_jsonl
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -35,7 +35,7 @@ def launch(script, n, *flags):
 @pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp") / "gsm8k.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(32)))
+    write_jsonl(path, gsm8k_records(32))
     return path
 
 

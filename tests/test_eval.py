@@ -17,7 +17,7 @@ import eval as ev
 import grade
 import load
 import lora
-from conftest import gsm8k_records
+from conftest import gsm8k_records, write_jsonl
 from generate import generate
 from tinyreason import Decoder
 from tokenizer import Tokenizer
@@ -124,7 +124,7 @@ def test_wilson_stays_inside_0_1_at_the_extremes():
 @pytest.fixture
 def gsm_file(tmp_path):
     path = tmp_path / "gsm.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(5)))
+    write_jsonl(path, gsm8k_records(5))
     return path
 
 

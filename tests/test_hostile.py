@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, gsm8k_records
+from conftest import ROOT, gsm8k_records, write_jsonl
 from safetensors.torch import load_file, save_file
 
 import data
@@ -98,7 +98,7 @@ def tear_line(n):
 @pytest.fixture(scope="module")
 def gsm(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "gsm.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(8)))
+    write_jsonl(path, gsm8k_records(8))
     return path
 
 
@@ -378,7 +378,7 @@ def test_a_question_past_the_models_context_is_refused_naming_it_before_the_mode
     records = gsm8k_records(4)
     records[1]["question"] = "1 + 1 " * 100  # more tokens than the tiny model's 512
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     line = refusal(capsys, script, *command(script, tiny_checkpoint, "none", path, tmp_path / "out"))
     assert "past the model's context of 512 (max_position_embeddings" in line
     assert (f"{path} line 2:" if script == "eval.py" else f"--data {path}, question 1:") in line
@@ -388,7 +388,7 @@ def test_rl_drops_a_question_past_the_models_context_and_says_so(tmp_path, tiny_
     records = gsm8k_records(4)
     records[1]["question"] = "1 + 1 " * 100  # more tokens than the tiny model's 512
     path = tmp_path / "long.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     logged = []
 
     class Loading(Exception):

@@ -4,10 +4,9 @@ random model, local GSM8K records and a few steps: nothing touches the network.
     python -m pytest tests/test_notebook.py -q
 """
 import ast
-import json
 
 import nbformat
-from conftest import GSM8K, ROOT, gsm8k_records
+from conftest import GSM8K, ROOT, gsm8k_records, write_jsonl
 from nbclient import NotebookClient
 
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
@@ -21,7 +20,7 @@ def parameter_cell(notebook):
 def test_the_quickstart_runs_top_to_bottom_on_a_tiny_model_and_leaves_a_gguf(tiny_checkpoint, tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     cell = parameter_cell(notebook)
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(4)))
+    write_jsonl(tmp_path / "test.jsonl", gsm8k_records(4))
     parameters = dict(MODEL=str(tiny_checkpoint), DATA=str(GSM8K), TEST_DATA=str(tmp_path / "test.jsonl"),
                       SFT_STEPS=2, EVAL_LIMIT=4, RL_STEPS=1, MAX_NEW_TOKENS=12, GGUF_TYPE="q8_0",
                       OUT=str(tmp_path / "out"), INSTALL=False, REPO="",

@@ -11,7 +11,7 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import gsm8k_records, make_checkpoint
+from conftest import gsm8k_records, make_checkpoint, write_jsonl
 from safetensors.torch import load_file
 
 import grade
@@ -277,7 +277,7 @@ def test_seeded_sampling_repeats_and_stopped_rows_end_with_their_stop_token(mode
 @pytest.fixture(scope="module")
 def questions(tmp_path_factory):
     path = tmp_path_factory.mktemp("rl") / "gsm8k.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(24)))
+    write_jsonl(path, gsm8k_records(24))
     return path
 
 

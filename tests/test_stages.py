@@ -8,7 +8,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
-from conftest import gsm8k_records
+from conftest import gsm8k_records, write_jsonl
 
 import data
 import generate as gen
@@ -238,7 +238,7 @@ def test_both_adapters_save_side_by_side_and_load_back(tiny_checkpoint, tmp_path
 def test_a_tiny_upev_run_with_weights_and_the_verify_adapter_writes_both_adapters(tiny_checkpoint, tmp_path,
                                                                                    tokenizer):
     path = tmp_path / "gsm8k.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(16)))
+    write_jsonl(path, gsm8k_records(16))
     train.main(["--model", str(tiny_checkpoint), "--data", str(path), "--output_dir", str(tmp_path / "out"),
                 "--adapter_path", str(tmp_path / "adapter"), "--lora_r", "4", "--lora_alpha", "8", "--max_steps", "2",
                 "--batch_size", "2", "--gradient_accumulation_steps", "1", "--validation_split", "0.25",

@@ -3,7 +3,6 @@ the checkpoints kept and exported, exact resume after Ctrl-C, a skipped non-fini
 
     python -m pytest tests/test_train.py -q
 """
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, gsm8k_records, make_checkpoint
+from conftest import ROOT, gsm8k_records, make_checkpoint, write_jsonl
 from safetensors.torch import load_file
 
 import data
@@ -29,7 +28,7 @@ from tokenizer import Tokenizer
 @pytest.fixture(scope="module")
 def gsm8k_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "gsm8k32.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in gsm8k_records(32)))
+    write_jsonl(path, gsm8k_records(32))
     return path
 
 
