@@ -10,9 +10,12 @@ chat.py and distill.py when the device is a CPU. Two changes, both for frozen we
 load.py applies it to each block as soon as it is loaded, and to the whole model after its adapter: packing a
 whole loaded model at once peaked 0.26 GB higher for the 0.5B (docs/results.md). The gains: docs/cpu.md.
 """
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
+from lora import LoRALinear, merged_linear
 from quant import NF4Linear, replace_linears
 
 
@@ -44,3 +47,23 @@ def for_inference(module: nn.Module) -> nn.Module:
             return PackedLinear(layer)
         return layer if layer is not child else None
     return (replace("lm_head", module) or module) if isinstance(module, nn.Linear) else replace_linears(module, replace)
+
+
+@contextmanager
+def sampling_weights(model: nn.Module):
+    """For the rollouts of a model in training: inside the block each projection and the lm_head is one dense,
+    packed layer, W + (alpha/r) B A for a LoRA one, so sampling decodes at eval.py's speed instead of through the
+    NF4 dequantization and LoRA's two extra matmuls per projection. The policy sampled is the trained one up to the
+    16-bit rounding of the merged sum; the trained modules are back when the block ends, for the loss. Off a CPU
+    it changes nothing: a GPU samples through bitsandbytes' 4-bit kernels."""
+    on_cpu = model.lm_head.weight.device.type == "cpu"
+    swaps = [(parent, name, child) for parent in list(model.modules()) if on_cpu and not isinstance(parent, LoRALinear)
+             for name, child in parent.named_children() if isinstance(child, (LoRALinear, nn.Linear))]
+    for parent, name, child in swaps:
+        dense_layer = merged_linear(child) if isinstance(child, LoRALinear) else child
+        setattr(parent, name, for_inference(dense_layer))
+    try:
+        yield model
+    finally:
+        for parent, name, child in swaps:
+            setattr(parent, name, child)

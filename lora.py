@@ -153,18 +153,19 @@ def read_adapter(adapter_dir, layers: dict, r: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def merged_linear(m: LoRALinear) -> nn.Linear:
+    """A plain Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is dequantized to its 16-bit dtype first:
+    4-bit levels cannot hold the sum, so the merged layer is 16-bit."""
+    w = dequantize(m.base)  # (out, in)
+    delta = m.scaling * (m.lora_B.weight.detach().float() @ m.lora_A.weight.detach().float())  # (out, r) @ (r, in)
+    layer = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
+    layer.weight, layer.bias = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False), m.base.bias
+    return layer
+
+
 def merge(model: nn.Module) -> nn.Module:
-    """Replace each LoRALinear by a plain Linear with W + (alpha/r) B A, summed in fp32. An NF4 base is
-    dequantized to its 16-bit dtype first: 4-bit levels cannot hold the sum, so the merged layer is 16-bit."""
-    def merged(name, m):
-        if not isinstance(m, LoRALinear):
-            return None
-        w = dequantize(m.base)  # (out, in)
-        delta = m.scaling * (m.lora_B.weight.float() @ m.lora_A.weight.float())  # (out, r) @ (r, in)
-        layer = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None, device="meta")
-        layer.weight, layer.bias = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False), m.base.bias
-        return layer
-    return replace_linears(model, merged)
+    """Each LoRALinear replaced by its merged_linear, in place."""
+    return replace_linears(model, lambda name, m: merged_linear(m) if isinstance(m, LoRALinear) else None)
 
 
 def export_merged(src: Path, adapter_dir, out_dir, dtype=torch.bfloat16):

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import config
+import cpu
 import data
 import lora
 import loop
@@ -224,7 +225,7 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in questions]
     model.eval()
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
-    with autocast:  # the policy the loss computes: fp32 LoRA, compute-dtype matmuls, the whole softmax (top_p 1)
+    with autocast, cpu.sampling_weights(model):  # the loss's policy (up to rounding), the whole softmax (top_p 1)
         completions, sampled = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
                                         num_samples=G, generator=generator, calculator=cfg.calculator)
     model.train()
@@ -261,7 +262,7 @@ def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=32) -
     model.eval()
     records, task = records[loop.RANK::loop.WORLD], tasks.load_task(cfg.task)  # this process's share
     prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in records]
-    with autocast:
+    with autocast, cpu.sampling_weights(model):
         completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator,
                                   batch_size=batch_size)
     parts = [task.rewards(tokenizer.decode(c), task.gold(q), cfg.format, stopped(c, tokenizer))

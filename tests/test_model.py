@@ -278,6 +278,18 @@ def test_compacting_and_appending_keep_every_row_s_own_keys_in_order(tiny):
     assert cache.mask[:2, :cache.len].any(0)[0], "compact leaves no leading column unused by every row"
 
 
+def test_keep_gives_each_slot_the_row_it_names(tiny):
+    model, tok = tiny
+    _, cache = prefill(model, questions(tok, 4), 1, tok.pad_id)
+    before = {name: getattr(cache, name).clone() for name in ("k", "v", "ids", "mask", "next_pos")}
+    cache.keep(torch.tensor([0, 3, 2]))  # row 1 finished; the others in any order
+    assert cache.batch == 3
+    for slot, row in enumerate([0, 3, 2]):
+        for name, t in before.items():
+            dim = 1 if name in ("k", "v") else 0  # k, v: (L, slots, ...); the rest (slots, ...)
+            torch.testing.assert_close(getattr(cache, name).select(dim, slot), t.select(dim, row), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("which", EVERY_ARCHITECTURE)
 def test_greedy_matches_transformers_generate(which, request):
     path = request.getfixturevalue(which)
