@@ -56,8 +56,10 @@ def sampling_weights(model: nn.Module):
     NF4 dequantization and LoRA's two extra matmuls per projection. The policy sampled is the trained one up to the
     16-bit rounding of the merged sum; the trained modules are back when the block ends, for the loss. Off a CPU
     it changes nothing: a GPU samples through bitsandbytes' 4-bit kernels."""
-    on_cpu = model.lm_head.weight.device.type == "cpu"
-    swaps = [(parent, name, child) for parent in list(model.modules()) if on_cpu and not isinstance(parent, LoRALinear)
+    if model.lm_head.weight.device.type != "cpu":
+        yield model
+        return
+    swaps = [(parent, name, child) for parent in list(model.modules()) if not isinstance(parent, LoRALinear)
              for name, child in parent.named_children() if isinstance(child, (LoRALinear, nn.Linear))]
     for parent, name, child in swaps:
         dense_layer = merged_linear(child) if isinstance(child, LoRALinear) else child

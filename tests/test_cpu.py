@@ -20,6 +20,15 @@ def ids_of(model):
     return torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
+def trained_nf4(tiny_checkpoint):
+    """An NF4 model in training whose adapter is not zero, so a merge has something to add."""
+    torch.manual_seed(0)
+    model = lora.inject(load_base(tiny_checkpoint, torch.float32, "cpu", "nf4"))
+    for m in lora.lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
+    return model
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_an_nf4_model_for_inference_computes_what_it_computed_before(tiny_checkpoint, dtype, tol):
     model = load_base(tiny_checkpoint, dtype, "cpu", quantize="nf4")
@@ -47,15 +56,6 @@ def test_greedy_generation_with_an_adapter_is_unchanged_by_for_inference(tiny_ch
     fast, tok = load_model(tiny_checkpoint, tmp_path / "adapter", "nf4", torch.float32, "cpu")
     prompts = [tok.apply_chat([{"role": "user", "content": r["question"]}]) for r in gsm8k_records(3)]
     assert generate(fast, tok, prompts, 16)[0] == generate(trained.eval(), tok, prompts, 16)[0]
-
-
-def trained_nf4(tiny_checkpoint, dtype=torch.float32):
-    """An NF4 model in training whose adapter is not zero, so a merge has something to add."""
-    torch.manual_seed(0)
-    model = lora.inject(load_base(tiny_checkpoint, dtype, "cpu", "nf4"))
-    for m in lora.lora_modules(model).values():
-        torch.nn.init.normal_(m.lora_B.weight, std=0.05)
-    return model
 
 
 def test_sampling_weights_give_the_trained_model_s_logits(tiny_checkpoint):
