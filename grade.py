@@ -19,10 +19,11 @@ NUMBER_WORDS_RE = re.compile(rf"\b{_WORD}(?:[\s-]+(?:and\s+)?{_WORD})*")  # "twe
 STYLES = ("tinyreason", "boxed", "answer_tags")
 FORMAT_RE = {"tinyreason": re.compile(r"</think>.*\*\*Final Answer:\*\*", re.S), "boxed": re.compile(r"\\boxed\{"),
              "answer_tags": re.compile(r"</think>.*<answer>.*</answer>", re.S)}
+CLOSING = r"(?:[\s.$]|\\\)|\\\])*"  # after the box: spaces, ".", or the $, \) or \] closing its math
 THINK = r"\s*<think>(?P<think>.*?\S.*?)</think>\s*"  # strict: one non-empty think block first
 STRICT_RE = {"tinyreason": re.compile(THINK + r"\*\*Final Answer:\*\*[ \t]*(?P<answer>\S[^\n]*?)\s*", re.S),
              "answer_tags": re.compile(THINK + r"<answer>(?P<answer>.*?\S.*?)</answer>\s*", re.S),
-             "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}[\s.$]*", re.S)}
+             "boxed": re.compile(r"(?P<think>.*?\S.*?)\\boxed\{(?P<answer>.*)\}" + CLOSING, re.S)}
 TAGS = ("<think>", "</think>", "<answer>", "</answer>", "**Final Answer:**", "\\boxed{")
 STATEMENT_RE = re.compile(rf"(?<![\d.])({NUMBER}(?:\s*[-+*/x×÷]\s*{NUMBER})+)\s*=\s*({NUMBER})")
 

@@ -134,6 +134,14 @@ def test_answer_tag_and_boxed_styles_read_their_own_span():
     assert grade.rewards("<answer>5</answer> 5", "5", "answer_tags", True)["format"] == 0.0
 
 
+@pytest.mark.parametrize("ending, fmt", [
+    ("\\boxed{5}.", 1), ("$\\boxed{5}$.", 1), ("\\(\\boxed{5}\\).", 1), ("\\[\n\\boxed{5}\n\\]", 1),
+    ("\\(\\boxed{5}\\) dollars.", 0),  # words after the answer
+])
+def test_a_box_closed_by_its_math_delimiters_is_still_the_boxed_format(ending, fmt):
+    assert grade.rewards("2+3 = 5, so " + ending, "5", "boxed", True)["format"] == fmt
+
+
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_checkpoint):
     torch.manual_seed(0)
