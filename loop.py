@@ -174,7 +174,7 @@ class LoopConfig:
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16 (GPU) or fp32
     device: str = "auto"  # cuda, cpu, ...; auto: cuda when available
     gradient_checkpointing: bool = True  # recompute each block's activations in backward: less memory, slower
-    eval_steps: int = 50  # held-out evaluation every this many steps (and at the end)
+    eval_steps: int = 50  # held-out evaluation every this many steps (also before the first and after the last)
     save_steps: int = 50  # checkpoint every this many steps (and at the end)
     save_total_limit: int = 3  # newest checkpoints kept; the best by the held-out score is never deleted
     logging_steps: int = 10  # a log line every this many steps
@@ -243,8 +243,9 @@ class StopAtStepBoundary:
 
 def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, evaluate=None, *, score: str,
         maximize: bool = False, shown: tuple[str, ...] = (), save_adapter=lora.save_adapter) -> dict:
-    """Steps from state["step"] to cfg.max_steps, evaluating every eval_steps and saving every save_steps (both also
-    at the end); then the checkpoint with the best `score` (lower is better unless maximize) becomes adapter_path.
+    """Steps from state["step"] to cfg.max_steps, evaluating before the first step, every eval_steps and at the end,
+    saving every save_steps and at the end; then the checkpoint with the best `score` (lower is better unless
+    maximize) becomes adapter_path.
 
     train_step(step) and evaluate() (None: no held-out data) return figures and a log line (or None). `state`, saved
     with each checkpoint and returned, holds "step", the script's data position and a {step: value} dict per figure
@@ -267,6 +268,10 @@ def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, eva
             for name in figures.keys() & state.keys():
                 state[name][state["step"]] = figures[name]
 
+        if evaluate and state["step"] == 0:  # the start's score: the origin of the curve (no checkpoint to export)
+            figures, line = evaluate()
+            metrics.log(0, **figures)
+            log(f"step 0: {line}")
         bar = tqdm(total=cfg.max_steps, initial=state["step"], desc=script, dynamic_ncols=True, disable=RANK != 0)
         skipped = 0  # non-finite gradients in a row
         with StopAtStepBoundary() as stop:

@@ -82,5 +82,5 @@ def test_rl_splits_its_questions_over_two_processes(tiny_checkpoint, gsm8k_file,
            "--dtype", "fp32", "--device", "cpu", "--lora_r", "4", "--prompts_per_step", "2", "--group_size", "2",
            "--max_new_tokens", "4", "--max_steps", "2", "--eval_samples", "2", "--eval_steps", "2", "--save_steps", "2")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 2] and "accuracy" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2, 2] and "accuracy" in rows[0] and "accuracy" in rows[-1]
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

@@ -97,9 +97,9 @@ def run_toy(tmp_path, val_losses, interrupt_at=None, **fields):
 
 
 def test_the_loop_evaluates_and_saves_on_schedule_and_at_the_end_and_exports_the_best(tmp_path):
-    state = run_toy(tmp_path, {2: 0.5, 4: 0.1, 5: 0.3})
+    state = run_toy(tmp_path, {0: 0.05, 2: 0.5, 4: 0.1, 5: 0.3})
     assert sorted(state["loss"]) == [1, 2, 3, 4, 5] and state["val_loss"] == {2: 0.5, 4: 0.1, 5: 0.3}
-    assert steps(tmp_path / "metrics.jsonl") == [1, 2, 2, 3, 4, 4, 5, 5]
+    assert steps(tmp_path / "metrics.jsonl") == [0, 1, 2, 2, 3, 4, 4, 5, 5]  # step 0: the start, before training
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000004", "checkpoint-000005"]
     exported, best = (load_file(folder / "adapter_model.safetensors")
                       for folder in (tmp_path / "adapter", tmp_path / "checkpoint-000004"))
@@ -108,7 +108,7 @@ def test_the_loop_evaluates_and_saves_on_schedule_and_at_the_end_and_exports_the
 
 
 def test_ctrl_c_saves_the_step_it_was_inside_and_a_resume_ends_where_an_uninterrupted_run_does(tmp_path):
-    scores = {2: 0.5, 4: 0.1, 5: 0.3}
+    scores = {0: 0.9, 2: 0.5, 4: 0.1, 5: 0.3}
     straight = run_toy(tmp_path / "straight", scores)
     with pytest.raises(SystemExit) as stop:
         run_toy(tmp_path / "stopped", scores, interrupt_at=3)
@@ -156,7 +156,7 @@ def test_non_finite_numbers_are_refused_before_anything_runs(tmp_path, flag, val
 def test_leftovers_of_killed_saves_and_exports_are_cleaned_when_a_run_starts(tmp_path):
     for name in (".tmp-checkpoint-000002", ".del-checkpoint-000004", ".tmp-adapter", ".del-adapter"):
         (tmp_path / name).mkdir()
-    run_toy(tmp_path, {2: 0.5, 4: 0.1, 5: 0.3})
+    run_toy(tmp_path, {0: 0.9, 2: 0.5, 4: 0.1, 5: 0.3})
     assert not list(tmp_path.glob(".tmp-*")) + list(tmp_path.glob(".del-*"))
 
 
