@@ -124,7 +124,7 @@ def test_ctrl_c_saves_the_step_it_was_inside_and_a_resume_ends_where_an_uninterr
 @pytest.mark.parametrize("rows", [
     [{"step": s, "loss": 2 / s, "lr": 1e-4 * s} for s in range(1, 6)] + [{"step": 5, "val_loss": 0.9}],
     [{"step": s, "reward": 0.1 * s, "correct": 0.1 * s, "format": 0.5, "reasoning": 0.0, "len_mean": 100 - s,
-      "len_max": 200, "frac_zero_std": 0.3} for s in range(1, 6)] + [{"step": 5, "accuracy": 0.4}],
+      "len_max": 200, "frac_zero_std": 0.3, "truncated": 0.1} for s in range(1, 6)] + [{"step": 5, "accuracy": 0.4}],
 ], ids=["sft", "rl"])
 def test_plot_writes_a_png_of_sft_and_rl_metrics(tmp_path, rows):
     pytest.importorskip("matplotlib")
@@ -133,6 +133,10 @@ def test_plot_writes_a_png_of_sft_and_rl_metrics(tmp_path, rows):
     plot.main([str(path)])
     png = (tmp_path / "metrics.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_the_plotted_mean_of_a_step_is_over_it_and_the_steps_before_it_within_the_window():
+    assert plot.trailing_mean([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_note_and_a_torn_middle_one_is_named(tmp_path, monkeypatch):

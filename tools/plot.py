@@ -4,7 +4,8 @@
     python tools/plot.py outputs/rl/metrics.jsonl --out rl.png
 
 SFT runs (train.py): training and validation loss, the learning rate on a second axis. RL runs (rl.py): reward and
-its parts, held-out accuracy, completion length, and the fraction of zero-std groups. Needs matplotlib.
+its parts, held-out accuracy, completion length, the fractions of zero-std groups and of truncated samples, the
+per-step values with their 10-step trailing mean. Needs matplotlib.
 """
 import argparse
 import json
@@ -24,6 +25,18 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def trailing_mean(values: list, window: int) -> list:
+    """Each value's mean with the window - 1 before it (fewer at the start): a step's few samples are noisy."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
+def smoothed(ax, rows, key, label, window=10, **style):
+    """The per-step values faint, their trailing mean over `window` steps drawn over them."""
+    steps, values = series(rows, key)
+    line, = ax.plot(steps, values, alpha=0.25, **style)
+    ax.plot(steps, trailing_mean(values, window), color=line.get_color(), label=f"{label} ({window}-step mean)")
+
+
 def plot_sft(ax, rows):
     ax.plot(*series(rows, "loss"), label="training loss", color="tab:blue")
     ax.plot(*series(rows, "val_loss"), "o-", label="validation loss", color="tab:orange")
@@ -37,17 +50,19 @@ def plot_sft(ax, rows):
 def plot_rl(axes, rows):
     reward, acc, length, zero = axes
     for key in ("reward", "correct", "format", "reasoning"):
-        reward.plot(*series(rows, key), label=key)
+        smoothed(reward, rows, key, key)
     reward.set_ylabel("reward (training samples)")
-    reward.legend()
-    acc.plot(*series(rows, "accuracy"), "o-", color="tab:green")
+    reward.legend(fontsize="small")
+    acc.plot(*series(rows, "accuracy"), "o-", color="tab:green")  # step 0: the start
     acc.set_ylabel("held-out accuracy")
-    length.plot(*series(rows, "len_mean"), label="mean")
-    length.plot(*series(rows, "len_max"), label="max", alpha=0.6)
+    smoothed(length, rows, "len_mean", "mean")
+    length.plot(*series(rows, "len_max"), label="max", alpha=0.4)
     length.set_ylabel("completion tokens")
-    length.legend()
-    zero.plot(*series(rows, "frac_zero_std"), color="tab:red")
-    zero.set_ylabel("zero-std groups")
+    length.legend(fontsize="small")
+    smoothed(zero, rows, "frac_zero_std", "zero-std groups", color="tab:red")
+    smoothed(zero, rows, "truncated", "truncated", color="tab:purple")
+    zero.set_ylabel("fraction of the samples")
+    zero.legend(fontsize="small")
 
 
 def main(argv=None):
