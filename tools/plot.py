@@ -53,8 +53,10 @@ def plot_rl(axes, rows):
         smoothed(reward, rows, key, key)
     reward.set_ylabel("reward (training samples)")
     reward.legend(fontsize="small")
-    acc.plot(*series(rows, "accuracy"), "o-", color="tab:green")  # step 0: the start
-    acc.set_ylabel("held-out accuracy")
+    acc.plot(*series(rows, "accuracy"), "o-", color="tab:green", label="accuracy")  # step 0: the start
+    acc.plot(*series(rows, "eval_format"), "s--", color="tab:olive", label="strict format")
+    acc.set_ylabel("held-out, greedy")
+    acc.legend(fontsize="small")
     smoothed(length, rows, "len_mean", "mean")
     length.plot(*series(rows, "len_max"), label="max", alpha=0.4)
     length.set_ylabel("completion tokens")
