@@ -71,6 +71,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("metrics", type=Path, help="a run's metrics.jsonl")
     p.add_argument("--out", type=Path, help="PNG file (default: beside the metrics file)")
+    p.add_argument("--title", help="the figure's title (default: the run's folder name)")
     args = p.parse_args(argv)
     try:
         import matplotlib
@@ -85,7 +86,8 @@ def main(argv=None):
     fig, axes = plt.subplots(4 if rl else 1, 1, figsize=(8, 10 if rl else 4), sharex=True, squeeze=False)
     plot_rl(axes[:, 0], rows) if rl else plot_sft(axes[0, 0], rows)
     axes[-1, 0].set_xlabel("step")
-    fig.suptitle(f"{args.metrics.parent.name or args.metrics.parent.resolve().name}: {'RL' if rl else 'SFT'}")
+    run = args.metrics.parent.name or args.metrics.parent.resolve().name
+    fig.suptitle(args.title or f"{run}: {'RL' if rl else 'SFT'}")
     fig.tight_layout()
     out = args.out or args.metrics.with_suffix(".png")
     fig.savefig(out, dpi=100)
