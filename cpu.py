@@ -9,11 +9,7 @@ chat.py and distill.py when the device is a CPU. Two changes, both for frozen we
 
 load.py applies it to each block as soon as it is loaded, and to the whole model after its adapter: packing a
 whole loaded model at once peaked 0.26 GB higher for the 0.5B (docs/results.md). The gains: docs/cpu.md.
-
-The training loops call `release_freed_memory()` after each step.
 """
-import ctypes
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -73,14 +69,3 @@ def sampling_weights(model: nn.Module):
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
-
-
-LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
-
-
-def release_freed_memory():
-    """Gives the memory the step freed back to the OS. glibc's malloc keeps freed chunks in its heap for reuse, but
-    each step's activations have new shapes and rarely fit them again, so without this an RL run's resident memory
-    climbs step after step towards the machine's RAM (docs/results.md). A no-op without glibc."""
-    if hasattr(LIBC, "malloc_trim"):
-        LIBC.malloc_trim(0)

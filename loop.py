@@ -22,7 +22,6 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
-import cpu
 import data
 import lora
 from load import DEFAULT_ADAPTER, DEFAULT_MODEL
@@ -278,7 +277,6 @@ def run(cfg, script: str, model, optimizer, scaler, state: dict, train_step, eva
         with StopAtStepBoundary() as stop:
             for step in range(state["step"], cfg.max_steps):
                 figures, line = train_step(step)
-                cpu.release_freed_memory()
                 state["step"] = step + 1
                 record(figures)
                 skipped = 0 if math.isfinite(figures.get("grad_norm", 0.0)) else skipped + 1

@@ -2,9 +2,6 @@
 
     python -m pytest tests/test_cpu.py -q
 """
-import os
-import sys
-
 import pytest
 import torch
 from conftest import gsm8k_records
@@ -89,21 +86,3 @@ def test_greedy_rollouts_are_the_same_with_sampling_weights(tiny_checkpoint, tok
     plain = generate(model, tok, prompts, 16)[0]
     with cpu.sampling_weights(model):
         assert generate(model, tok, prompts, 16)[0] == plain
-
-
-def resident_mb():
-    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_memory_freed_inside_the_heap_goes_back_to_the_os():
-    del_ = torch.ones(30 << 20, dtype=torch.uint8)
-    del del_  # glibc's mmap threshold rises to 30 MB: the 8 MB tensors below come from its heap
-    freed, kept = [], []
-    for _ in range(50):  # each followed by a small live one, so that the freed ones stay inside the heap
-        freed.append(torch.ones(8 << 20, dtype=torch.uint8))
-        kept.append(torch.ones(1 << 20, dtype=torch.uint8))
-    del freed
-    before = resident_mb()
-    cpu.release_freed_memory()
-    assert before - resident_mb() > 200  # of the 400 MB freed

@@ -107,13 +107,6 @@ def test_the_loop_evaluates_and_saves_on_schedule_and_at_the_end_and_exports_the
     assert (tmp_path / "adapter" / "experiment_config.json").is_file()
 
 
-def test_the_loop_gives_freed_memory_back_after_every_step(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(loop.cpu, "release_freed_memory", lambda: calls.append(1))
-    run_toy(tmp_path, {0: 0.9, 2: 0.5, 4: 0.1, 5: 0.3})
-    assert len(calls) == 5
-
-
 def test_ctrl_c_saves_the_step_it_was_inside_and_a_resume_ends_where_an_uninterrupted_run_does(tmp_path):
     scores = {0: 0.9, 2: 0.5, 4: 0.1, 5: 0.3}
     straight = run_toy(tmp_path / "straight", scores)
