@@ -27,7 +27,7 @@ def series(rows: list[dict], key: str) -> tuple[list, list]:
 
 def trailing_mean(values: list, window: int) -> list:
     """Each value's mean with the window - 1 before it (fewer at the start): a step's few samples are noisy."""
-    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+    return [sum(values[max(0, i + 1 - window):i + 1]) / min(i + 1, window) for i in range(len(values))]
 
 
 def smoothed(ax, rows, key, label, window=10, **style):
