@@ -50,7 +50,7 @@ def answer(model, tokenizer, prompt: list[int], args):
     decoder = StreamDecoder(tokenizer)
     ids = generate(model, tokenizer, [prompt], args.max_new_tokens, args.temperature, args.top_p,
                    on_token=lambda row, token: print(decoder.push(token), end="", flush=True),
-                   calculator=args.calculator)[0][0]
+                   calculator=args.calculator, compile=args.compile)[0][0]
     print(decoder.flush())
     if not stopped(ids, tokenizer):
         print(f"[cut off at --max_new_tokens {args.max_new_tokens}]")

@@ -47,6 +47,7 @@ class DistillConfig:
     quantize: Literal["nf4", "none"] = "nf4"  # teacher weights: nf4 or none (16-bit)
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where supported, else fp16 (GPU) or fp32
     device: str = "auto"  # cuda, cpu, ...; auto: cuda when available
+    compile: bool = False  # torch.compile the static decode step (CUDA graphs on a GPU); its first steps compile
     seed: int = 3407  # a run samples from (seed, its first question's index)
     out: str = "traces.jsonl"  # one line per question, appended as it ends; a rerun skips those already in it
 
@@ -119,7 +120,7 @@ def main(argv=None):
             bar.set_postfix(kept=f"{kept}/{bar.n}", tok_s=f"{tokens / (time.time() - t0):.0f}")
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + (todo[0][0] if todo else 0))
     generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, num_samples=n, generator=generator,
-             batch_size=cfg.batch_size * n, on_done=ended)
+             batch_size=cfg.batch_size * n, on_done=ended, compile=cfg.compile)
     bar.close()
     print(f"kept {kept} traces for {len(todo)} questions -> {out}")
 

@@ -226,7 +226,7 @@ def main():
     t0 = time.perf_counter()
     generate(net, tokenizer, [prompts[i] for i in order], args.max_new_tokens, temperature=0.0,
              batch_size=args.batch_size, on_token=lambda row, token: tokens.update(), on_done=graded,
-             calculator=args.calculator)
+             calculator=args.calculator, compile=args.compile)
     seconds = time.perf_counter() - t0
     bar.close(), tokens.close()
     report(args, task, rows, out, f"{args.model} + {adapter}, {args.prompt_style} prompts, {source} ({args.split})",

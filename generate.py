@@ -5,8 +5,10 @@ the next prompts take the free slots, prefilled and appended to the cache while 
     tokens, sampled = generate(model, tokenizer, [prompt_ids, ...], max_new_tokens=256, batch_size=64)
 """
 import torch
+import torch.nn.functional as F
 
 from calculator import tool_output
+from tinyreason import causal_mask
 
 
 class KVCache:
@@ -14,22 +16,50 @@ class KVCache:
     real-token flag. All rows write their next token at column `len`; a row's own tokens are the columns its mask
     marks, so rows that joined later sit right-aligned with the left of their row masked. `keep` moves the rows
     still generating to the front, `append` adds prefilled rows after them, `compact` drops leading columns that
-    only finished rows used."""
+    only finished rows used.
 
-    def __init__(self, config, batch, capacity, dtype, device):
+    A static cache also serves the static decode step (`decoder_step`): while `pos` holds the column (a (1,) tensor),
+    every slot writes there and attends to every column up to it, so no shape depends on `len` or `batch`."""
+
+    def __init__(self, config, batch, capacity, dtype, device, static=False):
         shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)  # pages never written are never resident
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Pages never written are never resident; a static step reads every column, so its cache holds no NaN garbage.
+        make = torch.zeros if static else torch.empty
+        self.k = make(shape, dtype=dtype, device=device)
+        self.v = make(shape, dtype=dtype, device=device)
         self.ids = torch.zeros(batch, capacity, dtype=torch.long, device=device)
         self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
-        self.batch, self.len, self.capacity = batch, 0, capacity
+        self.batch, self.len, self.start, self.capacity = batch, 0, 0, capacity
+        self.pos, self.columns = None, torch.arange(capacity, device=device)
+        if static:  # a CUDA graph replays fixed addresses: the buffers the compiled step writes are marked as fixed
+            for t in (self.k, self.v, self.ids, self.mask, self.next_pos):
+                torch._dynamo.mark_static_address(t)
+
+    def write(self, input_ids, real, positions):
+        """Record the new tokens (B, T) and their real-token flags at the next columns. Returns their rotary
+        positions (each row's `positions` counted on from what it holds) and the attention mask (None: SDPA's
+        causal kernels)."""
+        B, T = input_ids.shape
+        positions = positions + self.next_pos[:B, None]
+        self.next_pos[:B] += real.sum(-1)
+        if self.pos is not None:
+            self.ids.index_copy_(1, self.pos, input_ids)
+            self.mask.index_copy_(1, self.pos, real)
+            return positions, (self.mask & (self.columns <= self.pos))[:, None, None]  # (slots, 1, 1, capacity)
+        self.start, self.len = self.len, self.len + T
+        self.ids[:B, self.start:self.len], self.mask[:B, self.start:self.len] = input_ids, real
+        unpadded = not self.start and bool(real.all())  # SDPA's causal kernels then: no (T, T) mask for a long prompt
+        return positions, None if unpadded else causal_mask(self.mask[:B, :self.len], T, self.start)
 
     def update(self, layer, k, v):  # k, v: (B, n_kv, T, hd) -> everything cached so far
-        end = self.len + k.shape[2]
-        self.k[layer, :self.batch, :, self.len:end] = k
-        self.v[layer, :self.batch, :, self.len:end] = v
-        return self.k[layer, :self.batch, :, :end], self.v[layer, :self.batch, :, :end]
+        if self.pos is not None:
+            self.k[layer].index_copy_(2, self.pos, k)
+            self.v[layer].index_copy_(2, self.pos, v)
+            return self.k[layer], self.v[layer]
+        self.k[layer, :self.batch, :, self.start:self.len] = k
+        self.v[layer, :self.batch, :, self.start:self.len] = v
+        return self.k[layer, :self.batch, :, :self.len], self.v[layer, :self.batch, :, :self.len]
 
     def keep(self, rows):
         n = len(rows)
@@ -113,10 +143,31 @@ def prefill(model, prompts, num_samples, pad_id, cache=None):
     return x, cache
 
 
+def decoder_step(model, compile=False):
+    """`step(token (b,), cache) -> hidden states (b, D)`: the next position of the cache's live rows. Compiled, the
+    step is static (the cache must be): it runs every slot over every column with the write column as a tensor, so
+    its shapes never change and torch.compile captures it once, as CUDA graphs on a GPU (gpt-fast's design)."""
+    if not compile:
+        return lambda token, cache: model(token[:, None], None, cache)[:, -1]
+    if not hasattr(model, "static_step"):  # once per model: a new torch.compile would compile anew
+        model.static_step = torch.compile(lambda token, cache: model(token[:, None], None, cache)[:, -1],
+                                          mode="reduce-overhead" if model.lm_head.weight.is_cuda else None,
+                                          dynamic=False)
+
+    def step(token, cache):
+        b = len(token)
+        cache.pos = torch.tensor([cache.len], device=token.device)
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's output is not read again
+        x = model.static_step(F.pad(token, (0, len(cache.next_pos) - b)), cache)[:b].clone()
+        cache.pos, cache.len = None, cache.len + 1
+        return x
+    return step
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1.0, stop_ids=None, on_token=None,
              num_samples=1, generator=None, calculator=False, batch_size=None,
-             on_done=None) -> tuple[list[list[int]], list[list[bool]]]:
+             on_done=None, compile=False) -> tuple[list[list[int]], list[list[bool]]]:
     """Continue each prompt (a list of token ids) `num_samples` times until a stop token or max_new_tokens.
 
     Returns the new tokens of each row (prompt-major: prompt i's samples are rows i*n .. i*n+n-1), ending with
@@ -124,15 +175,19 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
     row whose text ends in `<<EXPR=` gets the tool's `RESULT>>` as its next tokens in place of its samples, while
     the batch decodes on: those are marked not sampled (RL does not train on them). At most `batch_size` rows
     (default: all) decode at once; when a row stops, prompts waiting take the free slots. `on_token(row, token)`
-    sees every new token but the stop, `on_done(row, tokens)` each row as it ends."""
+    sees every new token but the stop, `on_done(row, tokens)` each row as it ends. `compile`: the static decode
+    step, compiled (the same tokens)."""
     if not prompts:
         return [], []
     n, device = num_samples, model.lm_head.weight.device
     slots = max(batch_size or len(prompts) * n, n)  # one prompt's samples always fit
     stop = torch.tensor(stop_ids or tokenizer.stop_ids, device=device)
     span = max(map(len, prompts)) + max_new_tokens  # the most columns one row uses
-    cache = KVCache(model.config, slots, span + span // 4 * (slots < len(prompts) * n),  # room to refill
-                    model.model.embed_tokens.weight.dtype, device)
+    capacity = span + span // 4 * (slots < len(prompts) * n)  # room to refill
+    if compile:  # a few sizes, so that calls with other prompts reuse a compiled step
+        capacity = -(-capacity // 256) * 256
+    cache = KVCache(model.config, slots, capacity, model.model.embed_tokens.weight.dtype, device, static=compile)
+    step = decoder_step(model, compile)
     cache.batch, waiting = 0, list(range(len(prompts)))
     refill = max(1, slots // 8)  # free slots that make a prefill worth its pass over the weights
     rows, x = [], None  # the output row of each live row, and their last hidden states (b, D)
@@ -176,4 +231,4 @@ def generate(model, tokenizer, prompts, max_new_tokens, temperature=0.0, top_p=1
         if rows:
             if cache.len == cache.capacity:
                 cache.compact()
-            x = model(token[:, None], None, cache)[:, -1]
+            x = step(token, cache)

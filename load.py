@@ -115,6 +115,7 @@ class ModelFlags:
     device: str = "auto"  # cpu, cuda, ...; auto: cuda when available
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where the hardware computes in it
     calculator: bool = None  # after <<48/2= the calculator tool writes 24>>; default: as the adapter was trained
+    compile: bool = False  # torch.compile the static decode step (CUDA graphs on a GPU); its first steps compile
 
 
 def resolve_model_flags(args) -> tuple[Path | None, dict]:

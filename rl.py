@@ -56,6 +56,7 @@ class RLConfig(loop.LoopConfig):
     micro_batch_size: int = 8  # completions per forward/backward
     max_new_tokens: int = 512  # a completion cut here is truncated: reward 0
     calculator: bool = None  # the calculator tool in rollouts (its tokens never train); default: as --adapter was
+    compile: bool = False  # torch.compile the static decode step (CUDA graphs on a GPU); its first steps compile
     temperature: float = None  # sampling temperature, also applied to the log-probs of the loss
     reward_weights: str = None  # weights of correctness,format,reasoning in the reward
     advantage: Literal["group", "batch", "none"] = None  # group z-score; batch: centred / batch std; none: centred only
@@ -227,7 +228,8 @@ def rl_step(model, tokenizer, optimizer, scaler, params, questions, ref_tensors,
     generator = torch.Generator(device).manual_seed(cfg.seed * 1_000_003 + step)
     with autocast, cpu.sampling_weights(model):  # the loss's policy (up to rounding), the whole softmax (top_p 1)
         completions, sampled = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, top_p=1.0,
-                                        num_samples=G, generator=generator, calculator=cfg.calculator)
+                                        num_samples=G, generator=generator, calculator=cfg.calculator,
+                                        compile=cfg.compile)
     model.train()
     texts, ended = [tokenizer.decode(c) for c in completions], [stopped(c, tokenizer) for c in completions]
     r = compute_rewards(texts, completions, [task.gold(q) for q in questions for _ in range(G)], ended, cfg)
@@ -264,7 +266,7 @@ def held_out_accuracy(model, tokenizer, records, cfg, autocast, batch_size=32) -
     prompts = [data.prompt_ids(tokenizer, task.question(q), cfg.format) for q in records]
     with autocast, cpu.sampling_weights(model):
         completions, _ = generate(model, tokenizer, prompts, cfg.max_new_tokens, calculator=cfg.calculator,
-                                  batch_size=batch_size)
+                                  batch_size=batch_size, compile=cfg.compile)
     parts = [task.rewards(tokenizer.decode(c), task.gold(q), cfg.format, stopped(c, tokenizer))
              for q, c in zip(records, completions)]
     model.train()

@@ -242,11 +242,7 @@ class Decoder(nn.Module):
         if cache is None:
             mask = None if attention_mask is None else causal_mask(real, T, 0)  # None: SDPA's fused causal kernels
         else:
-            positions = positions + cache.next_pos[:B, None]
-            cache.ids[:B, cache.len:cache.len + T], cache.mask[:B, cache.len:cache.len + T] = input_ids, real
-            cache.next_pos[:B] += real.sum(-1)
-            unpadded = not cache.len and bool(real.all())  # SDPA's causal kernels then: no (T, T) mask for a long prompt
-            mask = None if unpadded else causal_mask(cache.mask[:B, :cache.len + T], T, cache.len)
+            positions, mask = cache.write(input_ids, real, positions)  # the cache says what the new tokens see
         x = self.model.embed_tokens(input_ids)
         cos, sin = rope(positions, inv_freq(self.config), x.dtype)
         for i, block in enumerate(self.model.layers):
@@ -254,8 +250,6 @@ class Decoder(nn.Module):
                 x = checkpoint(block, x, cos, sin, mask, None, i, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.len += T
         return self.model[self.config.final_norm](x)
 
     @classmethod

@@ -68,7 +68,7 @@ def test_answer_streams_token_by_token(tiny_checkpoint, expected, monkeypatch):
     writes = []
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                           calculator=False)
+                           calculator=False, compile=False)
     chat.answer(model, tok, data.prompt_ids(tok, QUESTION), args)
     text = "".join(writes)
     assert text.startswith(expected + "\n")
@@ -82,7 +82,7 @@ def test_the_calculator_s_tokens_stream_like_the_model_s(tiny_checkpoint, monkey
     writes = []
     monkeypatch.setattr(sys, "stdout", SimpleNamespace(write=writes.append, flush=lambda: None))
     args = SimpleNamespace(system=data.SYSTEM_PROMPT, max_new_tokens=MAX_NEW, temperature=0.0, top_p=1.0,
-                           calculator=True)
+                           calculator=True, compile=False)
     chat.answer(model, tok, data.prompt_ids(tok, QUESTION), args)
     assert "".join(writes) == "<<2+3=5>>\n"
     pieces = [w for w in writes if w]  # streamed token by token, the tool's tokens as they were written

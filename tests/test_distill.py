@@ -63,7 +63,7 @@ def teach(monkeypatch, texts) -> list:
     order; returns the calls' (prompts, batch_size)."""
     calls = []
 
-    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator, batch_size, on_done):
+    def generate(model, tok, prompts, max_new_tokens, temperature, num_samples, generator, batch_size, on_done, compile):
         calls.append((len(prompts), batch_size))
         rows = [tok.encode(t) + ([tok.eot_id] if i < len(texts) - 1 else []) for _ in prompts
                 for i, t in enumerate(texts)]

@@ -13,6 +13,7 @@ import data
 import load
 import loop
 import weights
+import generate as generate_module
 from generate import KVCache, generate, left_pad, prefill, sample
 from load import resolve_checkpoint
 import tinyreason
@@ -181,6 +182,15 @@ def test_fp32_greedy_on_cuda_equals_greedy_on_the_cpu(sharp, sharp_checkpoint):
 
 
 @pytest.mark.cuda
+def test_the_static_decode_step_captured_in_cuda_graphs_gives_the_eager_tokens(sharp, sharp_checkpoint):
+    _, tok = sharp
+    prompts = questions(tok, 6)
+    gpu = Decoder.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
+    eager = greedy(gpu, tok, prompts, 24, batch_size=4)  # refills
+    assert greedy(gpu, tok, prompts, 24, batch_size=4, compile=True) == eager
+
+
+@pytest.mark.cuda
 def test_right_padded_rows_on_cuda_get_the_logits_of_each_row_alone(sharp, sharp_checkpoint):
     _, tok = sharp
     model = Decoder.from_pretrained(sharp_checkpoint, dtype=torch.float32, device="cuda")
@@ -248,10 +258,41 @@ def test_on_done_sees_each_row_once_when_it_ends_with_all_its_tokens(tiny):
     assert sorted(ended) == [(row, len(o) - (o[-1] in stop), o) for row, o in enumerate(out)]
 
 
+def compiled_by(monkeypatch, backend):
+    """torch.compile with `backend` and fullgraph: a graph break in the static step fails the test."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile(fn, backend=backend, fullgraph=True, dynamic=False))
+
+
+def test_the_static_decode_step_gives_the_eager_step_s_tokens(tiny_checkpoint, monkeypatch):
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    compiled_by(monkeypatch, "eager")
+    prompts = [q[-12:] for q in questions(tok, 6)]
+    stop = early_stop(model, tok, prompts, 30)
+    eager = greedy(model, tok, prompts, 30, stop_ids=stop, batch_size=4)  # refills and compactions
+    assert greedy(model, tok, prompts, 30, stop_ids=stop, batch_size=4, compile=True) == eager
+
+    def sampled(**kw):
+        return generate(model, tok, prompts[:2], 12, temperature=1.0, num_samples=3,
+                        generator=torch.Generator().manual_seed(0), **kw)
+    assert sampled(compile=True) == sampled()
+
+
+def test_the_static_decode_step_compiles_once_for_generations_of_other_prompts(tiny_checkpoint, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+    model, tok = Decoder.from_pretrained(tiny_checkpoint, dtype=torch.float32), Tokenizer.from_pretrained(tiny_checkpoint)
+    counter = CompileCounter()
+    compiled_by(monkeypatch, counter)
+    prompts = questions(tok, 5)
+    greedy(model, tok, prompts[:3], 8, batch_size=3, compile=True)
+    greedy(model, tok, prompts[2:], 16, batch_size=3, compile=True)
+    assert counter.frame_count == 1
+
+
 def test_one_unpadded_prompt_is_prefilled_without_a_t_by_t_mask(tiny, monkeypatch):
     model, tok = tiny
     queries = []
-    monkeypatch.setattr(tinyreason, "causal_mask", lambda real, T, offset, f=tinyreason.causal_mask: (
+    monkeypatch.setattr(generate_module, "causal_mask", lambda real, T, offset, f=tinyreason.causal_mask: (
         queries.append(T), f(real, T, offset))[1])
     greedy(model, tok, questions(tok, 1), 3)
     assert queries == [1, 1]  # the two decoding steps; the prefill used SDPA's causal kernels

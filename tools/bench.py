@@ -63,6 +63,7 @@ class BenchConfig:
     rl_tokens: int = 128  # at most, per completion
     rl_temperature: float = 1.0
     rl_micro_batch: int = 8  # completions per forward/backward of the update (rl.py's default); divides prompts x group
+    compile: bool = False  # ours compiles its static decode step (generation, eval, RL rollouts) in the warm-up
     baseline: str = ""  # another TinyReason checkout: its own side stands in for the peer (an A/B of two versions)
 
 
@@ -132,13 +133,19 @@ def train_peer(cfg, device, dtype):
     return adamw_steps(model, lambda batch: model(**batch).loss, cfg, device, dtype)  # full-vocabulary logits
 
 
+def compiled(cfg) -> dict:
+    """generate's compile flag when --compile is given (so that a --baseline without it still runs)."""
+    return {"compile": True} if cfg.compile else {}
+
+
 def gen_ours(cfg, device, dtype):
     from generate import generate, stopped
     from load import load_model
     model, tok = load_model(cfg.model, None, "none", dtype, device)  # as eval.py and chat.py load it
     prompts = gen_prompts(cfg, tok)
     return lambda i: {"tokens": sum(len(row) - stopped(row, tok)  # up to the stops, as the peer's count
-                                    for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2)[0])}
+                                    for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2,
+                                                        **compiled(cfg))[0])}
 
 
 def hf_side(cfg, device, dtype):
@@ -174,7 +181,7 @@ def eval_ours(cfg, device, dtype):
     prompts = gen_prompts(cfg, tok, cfg.eval_problems)
     if "batch_size" in inspect.signature(generate).parameters:
         def run_all(prompts, n):
-            return generate(model, tok, prompts, n, batch_size=cfg.gen_batch)[0]
+            return generate(model, tok, prompts, n, batch_size=cfg.gen_batch, **compiled(cfg))[0]
     else:  # a version without refilling (--baseline): eval.py's loop over batches
         def run_all(prompts, n):
             return [row for i in range(0, len(prompts), cfg.gen_batch)
@@ -207,7 +214,7 @@ def rl_ours(cfg, device, dtype):
                  prompts_per_step=cfg.rl_prompts, micro_batch_size=cfg.rl_micro_batch, max_new_tokens=cfg.rl_tokens,
                  temperature=cfg.rl_temperature, reward_weights="1.0,0.0,0.0", beta=0.0, ppo_epochs=1, optim="adamw",
                  learning_rate=1e-5, eval_samples=0, device=cfg.device, dtype=cfg.dtype)
-    rcfg = rl.parse_config([f"--{k}={v}" for k, v in flags.items()])
+    rcfg = rl.parse_config([f"--{k}={v}" for k, v in flags.items()] + ["--compile"] * cfg.compile)
     model, tok, _, _, params, optimizer, device, dtype = rl.setup(rcfg)
     autocast, scaler = loop.amp(device, dtype)
     questions, P, G = rl_questions(cfg), cfg.rl_prompts, cfg.rl_group
