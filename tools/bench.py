@@ -134,8 +134,10 @@ def train_peer(cfg, device, dtype):
 
 
 def compiled(cfg) -> dict:
-    """generate's compile flag when --compile is given (so that a --baseline without it still runs)."""
-    return {"compile": True} if cfg.compile else {}
+    """generate's compile flag with --compile, where the version has one (a --baseline without it runs eager)."""
+    import inspect
+    from generate import generate
+    return {"compile": True} if cfg.compile and "compile" in inspect.signature(generate).parameters else {}
 
 
 def gen_ours(cfg, device, dtype):
