@@ -31,7 +31,7 @@ class KVCache:
         self.mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # rotary position of each row's next token
         self.batch, self.len, self.start, self.capacity = batch, 0, 0, capacity
-        self.pos, self.columns = None, torch.arange(capacity, device=device)
+        self.pos, self.columns = None, torch.arange(capacity, device=device) if static else None
         if static:  # a CUDA graph replays fixed addresses: the buffers the compiled step writes are marked as fixed
             for t in (self.k, self.v, self.ids, self.mask, self.next_pos):
                 torch._dynamo.mark_static_address(t)
@@ -147,11 +147,12 @@ def decoder_step(model, compile=False):
     """`step(token (b,), cache) -> hidden states (b, D)`: the next position of the cache's live rows. Compiled, the
     step is static (the cache must be): it runs every slot over every column with the write column as a tensor, so
     its shapes never change and torch.compile captures it once, as CUDA graphs on a GPU (gpt-fast's design)."""
+    def forward(token, cache):
+        return model(token[:, None], None, cache)[:, -1]
     if not compile:
-        return lambda token, cache: model(token[:, None], None, cache)[:, -1]
+        return forward
     if not hasattr(model, "static_step"):  # once per model: a new torch.compile would compile anew
-        model.static_step = torch.compile(lambda token, cache: model(token[:, None], None, cache)[:, -1],
-                                          mode="reduce-overhead" if model.lm_head.weight.is_cuda else None,
+        model.static_step = torch.compile(forward, mode="reduce-overhead" if model.lm_head.weight.is_cuda else None,
                                           dynamic=False)
 
     def step(token, cache):

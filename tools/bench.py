@@ -144,10 +144,9 @@ def gen_ours(cfg, device, dtype):
     from generate import generate, stopped
     from load import load_model
     model, tok = load_model(cfg.model, None, "none", dtype, device)  # as eval.py and chat.py load it
-    prompts = gen_prompts(cfg, tok)
+    prompts, kw = gen_prompts(cfg, tok), compiled(cfg)
     return lambda i: {"tokens": sum(len(row) - stopped(row, tok)  # up to the stops, as the peer's count
-                                    for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2,
-                                                        **compiled(cfg))[0])}
+                                    for row in generate(model, tok, prompts, cfg.gen_tokens if i else 2, **kw)[0])}
 
 
 def hf_side(cfg, device, dtype):
@@ -180,10 +179,10 @@ def eval_ours(cfg, device, dtype):
     from generate import generate, stopped
     from load import load_model
     model, tok = load_model(cfg.model, None, "none", dtype, device)
-    prompts = gen_prompts(cfg, tok, cfg.eval_problems)
+    prompts, kw = gen_prompts(cfg, tok, cfg.eval_problems), compiled(cfg)
     if "batch_size" in inspect.signature(generate).parameters:
         def run_all(prompts, n):
-            return generate(model, tok, prompts, n, batch_size=cfg.gen_batch, **compiled(cfg))[0]
+            return generate(model, tok, prompts, n, batch_size=cfg.gen_batch, **kw)[0]
     else:  # a version without refilling (--baseline): eval.py's loop over batches
         def run_all(prompts, n):
             return [row for i in range(0, len(prompts), cfg.gen_batch)
